@@ -1,0 +1,177 @@
+"""AR pretraining throughput: lmpipe's Trainer step vs HF transformers GPT2LMHeadModel.
+
+Both train the same dimensions on the same batches (tiny shakespeare, characters) with
+AdamW and grad clipping; steps alternate in chunks within one process. Prints tokens/s
+and the ratio lmpipe / HF.
+
+    python benchmarks/ar_pretrain.py                       # nanoGPT CPU recipe dimensions
+    python benchmarks/ar_pretrain.py --d-model 384 --n-layer 6 --n-head 6 --block 256
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from _common import interleaved_times, median, print_table, random_rows, shakespeare_char_tokens
+from lmpipe.batch import Batch
+from lmpipe.data.tokenizer import Tokenizer
+from lmpipe.models import build_lm
+from lmpipe.objectives.ce import CrossEntropy
+from lmpipe.tracking import MetricLogger
+from lmpipe.training.distributed import DistEnv
+from lmpipe.training.hardware import resolve_hardware
+from lmpipe.training.optim import build_optimizer
+from lmpipe.training.schedule import build_schedule
+from lmpipe.training.trainer import Trainer, TrainerConfig
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+OPTIM = {"name": "adamw", "lr": 1e-3, "betas": [0.9, 0.99], "weight_decay": 0.1, "eps": 1e-8}
+
+
+def lmpipe_step(
+    args, vocab: int, preset: str, rows: list[torch.Tensor], compile: bool = False, **changes
+):
+    """A step of lmpipe's Trainer on a model from ``conf/model/<preset>.yaml`` resized to the
+    benchmark dimensions (plus ``changes``)."""
+    layout = OmegaConf.to_container(OmegaConf.load(CONF / "model" / f"{preset}.yaml"))
+    layout.update(
+        n_layer=args.n_layer,
+        n_head=args.n_head,
+        d_model=args.d_model,
+        block_size=args.block,
+        dropout=0.0,
+        **changes,
+    )
+    model = build_lm({"_target_": "lmpipe.models.ar.ARLM"}, layout, vocab)
+    hardware = resolve_hardware({"device": "cpu", "precision": "fp32", "compile": compile})
+    cfg = TrainerConfig(
+        max_steps=10**9, batch_size=args.batch, block_size=args.block, grad_clip=1.0
+    )
+    trainer = Trainer(
+        config=cfg,
+        model=model,
+        train_model=torch.compile(model) if compile else model,
+        objective=CrossEntropy(),
+        optimizer=build_optimizer(model, OPTIM, hardware.device),
+        schedule=build_schedule({"warmup_steps": 0}, OPTIM["lr"], cfg.max_steps),
+        train_batches=lambda step: None,
+        val_batches=[],
+        hardware=hardware,
+        env=DistEnv(),
+        logger=MetricLogger([]),
+        run_dir=Path(tempfile.mkdtemp()),
+        tokenizer=Tokenizer.build_char("a"),
+        checkpoint_meta=dict,
+        seed=0,
+    )
+    batches = [Batch(r, torch.ones_like(r, dtype=torch.float32)) for r in rows]
+    return model, lambda i: trainer.train_step(batches[i % len(batches)])
+
+
+def hf_step(args, vocab: int, rows: list[torch.Tensor]):
+    config = GPT2Config(
+        vocab_size=vocab,
+        n_positions=args.block,
+        n_embd=args.d_model,
+        n_layer=args.n_layer,
+        n_head=args.n_head,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        attn_implementation="sdpa",
+    )
+    model = GPT2LMHeadModel(config)
+    model.train()
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": decay, "weight_decay": OPTIM["weight_decay"]},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=OPTIM["lr"],
+        betas=tuple(OPTIM["betas"]),
+        fused=True,
+    )
+
+    def step(i: int) -> None:
+        row = rows[i % len(rows)]
+        logits = model(input_ids=row[:, :-1]).logits
+        loss = F.cross_entropy(logits.flatten(0, 1), row[:, 1:].flatten())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss.item()
+
+    return model, step
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--n-layer", type=int, default=4)
+    parser.add_argument("--n-head", type=int, default=4)
+    parser.add_argument("--d-model", type=int, default=128)
+    parser.add_argument("--block", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=12)
+    parser.add_argument("--steps", type=int, default=120)
+    parser.add_argument("--chunk", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--compile", action="store_true", help="add a torch.compile'd lmpipe row")
+    args = parser.parse_args()
+
+    torch.manual_seed(0)
+    tokens, vocab, source = shakespeare_char_tokens()
+    rows = random_rows(tokens, args.batch, args.block + 1, 64)
+    contenders = {
+        "HF GPT2LMHeadModel": hf_step(args, vocab, rows),
+        # GPT-2 layout with GPT-2's biases: the same parameters as the HF model.
+        "lmpipe nanogpt-shakespeare +biases": lmpipe_step(
+            args, vocab, "nanogpt-shakespeare", rows, bias=True
+        ),
+        # The preset as shipped (bias-free, as nanoGPT's recipe).
+        "lmpipe nanogpt-shakespeare": lmpipe_step(args, vocab, "nanogpt-shakespeare", rows),
+        # lmpipe's default layout (RMSNorm, RoPE, SwiGLU).
+        "lmpipe tiny layout": lmpipe_step(args, vocab, "tiny", rows),
+    }
+    if args.compile:
+        contenders["lmpipe nanogpt-shakespeare compiled"] = lmpipe_step(
+            args, vocab, "nanogpt-shakespeare", rows, compile=True
+        )
+    times = interleaved_times(
+        {k: v[1] for k, v in contenders.items()}, args.steps, args.chunk, args.warmup
+    )
+    tokens_per_step = args.batch * args.block
+    baseline = tokens_per_step / median(times["HF GPT2LMHeadModel"])
+    print(
+        f"data: {source}; {args.n_layer}L/{args.n_head}H/{args.d_model}d, block {args.block}, "
+        f"batch {args.batch}, {args.steps} timed steps each, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads"
+    )
+    table = []
+    for name, (model, _) in contenders.items():
+        tps = tokens_per_step / median(times[name])
+        params = sum(p.numel() for p in model.parameters())
+        table.append(
+            [
+                name,
+                f"{params / 1e6:.3f}M",
+                f"{median(times[name]) * 1e3:.1f}",
+                f"{tps:,.0f}",
+                f"{tps / baseline:.2f}x",
+            ]
+        )
+    print_table(["model", "params", "ms/step", "tokens/s", "vs HF"], table)
+
+
+if __name__ == "__main__":
+    main()

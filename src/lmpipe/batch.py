@@ -1,0 +1,41 @@
+"""The unit of data that flows from samplers through objectives into models."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class Batch:
+    """Rows of token ids with a per-token loss mask.
+
+    ``loss_mask[b, t] == 1`` means token ``t`` of row ``b`` is a training target. The
+    meaning is the same for every architecture: an AR model predicts it from the tokens
+    before it, a diffusion model denoises it. Subclasses add fields (all row-aligned
+    tensors are moved and split together).
+    """
+
+    input_ids: Tensor  # (B, L) int64
+    loss_mask: Tensor  # (B, L) float32 0/1
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def _map(self, fn: Callable[[Tensor], Tensor]) -> Batch:
+        values = {}
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            values[field.name] = fn(value) if isinstance(value, Tensor) else value
+        return type(self)(**values)
+
+    def to(self, device: torch.device | str) -> Batch:
+        return self._map(lambda t: t.to(device, non_blocking=True))
+
+    def split(self, rows: int) -> list[Batch]:
+        """Micro-batches of at most ``rows`` rows (gradient accumulation)."""
+        return [self._map(lambda t, s=s: t[s : s + rows]) for s in range(0, len(self), rows)]

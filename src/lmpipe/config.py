@@ -1,0 +1,64 @@
+"""Checks of run-wide config values, before any work is done.
+
+Hydra already rejects unknown keys (typos) because the composed config is in struct mode;
+this module rejects known keys with unusable values, one line per problem, naming the key.
+Defaults are never repeated here: they live in ``conf/`` only.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from lmpipe.errors import ConfigError
+
+
+def _positive_int(cfg: DictConfig, key: str, allow_zero: bool = False) -> None:
+    value = OmegaConf.select(cfg, key)
+    low = 0 if allow_zero else 1
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ConfigError(f"{key}={value!r} must be an integer >= {low}")
+
+
+def resume_mode(value) -> str | None:
+    """``resume`` as None (start fresh), "auto", or a checkpoint path."""
+    if (
+        value is None
+        or value is False
+        or str(value).lower() in ("false", "no", "never", "none", "")
+    ):
+        return None
+    if value is True or str(value).lower() in ("auto", "true", "yes"):
+        return "auto"
+    return str(value)
+
+
+def validate(cfg: DictConfig) -> None:
+    for key in (
+        "trainer.max_steps",
+        "trainer.batch_size",
+        "trainer.block_size",
+        "trainer.log_interval",
+        "trainer.eval_interval",
+        "trainer.save_interval",
+        "trainer.keep_last",
+    ):
+        _positive_int(cfg, key)
+    _positive_int(cfg, "trainer.eval_batches", allow_zero=True)
+    clip = cfg.trainer.grad_clip
+    if clip is not None and (not isinstance(clip, int | float) or clip < 0):
+        raise ConfigError(f"trainer.grad_clip={clip!r} must be a number >= 0 or null")
+    lr = cfg.optim.lr
+    if isinstance(lr, bool) or not isinstance(lr, int | float) or lr <= 0:
+        raise ConfigError(f"optim.lr={lr!r} must be a number > 0")
+    wd = cfg.optim.weight_decay
+    if isinstance(wd, bool) or not isinstance(wd, int | float) or wd < 0:
+        raise ConfigError(f"optim.weight_decay={wd!r} must be a number >= 0")
+    if not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool):
+        raise ConfigError(f"seed={cfg.seed!r} must be an integer")
+    mode = resume_mode(cfg.resume)
+    if mode not in (None, "auto") and not Path(mode).exists():
+        raise ConfigError(
+            f"resume={mode!r}: no such checkpoint (use false, auto or a checkpoint directory)"
+        )

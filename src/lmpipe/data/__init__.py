@@ -1,0 +1,4 @@
+"""Data: sources -> records -> mixture -> tokenizer -> token shards -> samplers.
+
+Nothing in this package knows about models or stages.
+"""

@@ -1,0 +1,319 @@
+"""Turn a mixture config into a cached, inspectable, tokenized dataset directory.
+
+    sources -> normalise -> split each source -> mix by ratio -> mixed_{split}.jsonl
+            -> tokenizer (trained on the mixture, or given) -> token shards -> manifest.json
+
+The directory name carries a hash of the config and tokenizer, so a second run with the
+same inputs is a cache hit. It is built in a temporary sibling and renamed into place, so
+an error or a kill never leaves a half-written dataset behind. Records are staged on disk
+and read back by byte offset, so memory holds offsets, never the corpus.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from lmpipe import __version__
+from lmpipe.data import formats
+from lmpipe.data.mixer import plan_mixture, validate_mixture
+from lmpipe.data.shards import ShardWriter, TokenShards, token_dtype
+from lmpipe.data.sources import iter_source
+from lmpipe.data.tokenizer import Tokenizer, build_tokenizer
+from lmpipe.errors import DataError
+
+FORMAT_VERSION = 1  # bump when the on-disk layout or the encoding of records changes
+SPLITS = ("train", "val")
+ENCODE_CHUNK = 1024
+
+
+@dataclass
+class PreparedData:
+    """A prepared dataset directory: manifest, tokenizer and memory-mapped splits."""
+
+    directory: Path
+    manifest: dict
+    tokenizer: Tokenizer
+
+    @classmethod
+    def open(cls, directory: str | Path) -> PreparedData:
+        directory = Path(directory)
+        manifest_path = directory / "manifest.json"
+        if not manifest_path.is_file():
+            raise DataError(f"{directory} is not a prepared dataset (no manifest.json)")
+        manifest = json.loads(manifest_path.read_text())
+        tokenizer = Tokenizer.from_file(directory / "tokenizer.json")
+        return cls(directory=directory, manifest=manifest, tokenizer=tokenizer)
+
+    def split(self, name: str) -> TokenShards:
+        return TokenShards.open(self.directory, name, self.manifest["dtype"])
+
+    @property
+    def manifest_hash(self) -> str:
+        return hashlib.sha256((self.directory / "manifest.json").read_bytes()).hexdigest()
+
+
+def cache_key(cfg: dict, tokenizer: Tokenizer | None) -> str:
+    payload = {
+        "format_version": FORMAT_VERSION,
+        "data": cfg,
+        "tokenizer": tokenizer and tokenizer.hash,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def prepare(
+    cfg: dict,
+    cache_dir: str | Path,
+    *,
+    tokenizer: Tokenizer | None = None,
+    force: bool = False,
+    progress: bool = True,
+) -> PreparedData:
+    """Prepare (or reuse) the dataset a data config describes.
+
+    ``tokenizer``: use this one (e.g. the checkpoint's when a stage starts from another
+    stage) instead of building the one the config names.
+    """
+    validate_mixture(cfg)
+    out = Path(cache_dir) / "data" / f"{cfg['name']}-{cache_key(cfg, tokenizer)[:12]}"
+    if (out / "manifest.json").is_file() and not force:
+        return PreparedData.open(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        _build(cfg, tmp, tokenizer, progress)
+        _publish(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return PreparedData.open(out)
+
+
+def _publish(tmp: Path, out: Path) -> None:
+    """Move a finished build into place; a concurrent identical build may have won."""
+    old = out.with_name(f"{out.name}.old-{os.getpid()}")
+    if out.exists():
+        out.rename(old)
+    try:
+        tmp.rename(out)
+    except OSError:
+        if not (out / "manifest.json").is_file():
+            raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+# --- build steps ---------------------------------------------------------------------
+class _Staged:
+    """One source's normalised records of one split in a JSONL file, read back by offset."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.offsets: list[int] = []
+        self._fh = path.open("wb")
+
+    def append(self, record: dict) -> None:
+        self.offsets.append(self._fh.tell())
+        self._fh.write(json.dumps(record, ensure_ascii=False).encode() + b"\n")
+
+    def finish(self) -> None:
+        self._fh.close()
+
+    def read(self, fh, index: int) -> dict:
+        fh.seek(self.offsets[index])
+        return json.loads(fh.readline())
+
+
+def _build(cfg: dict, out: Path, tokenizer: Tokenizer | None, progress: bool) -> None:
+    staging = out / "_staging"
+    staging.mkdir()
+    fmt = cfg.get("format", "auto")
+    split_cfg = cfg.get("split") or {}
+    seed = int(cfg.get("seed", 0))
+    sources = list(cfg["sources"])
+    source_stats = []
+    staged: dict[str, list[_Staged]] = {s: [] for s in SPLITS}
+    for i, spec in enumerate(sources):
+        fmt, stats, per_split = _stage_source(
+            spec, fmt, split_cfg, seed + i, staging / str(i), progress
+        )
+        source_stats.append(stats)
+        for split in SPLITS:
+            staged[split].append(per_split[split])
+
+    ratios = [float(s.get("mix_ratio", 1.0 / len(sources))) for s in sources]
+    for split in SPLITS:
+        counts = [len(s.offsets) for s in staged[split]]
+        plan = plan_mixture(
+            counts,
+            ratios,
+            seed=seed + 1000 * (split == "val"),
+            shuffle=bool(cfg.get("shuffle", True)),
+        )
+        _write_mixed(out / f"mixed_{split}.jsonl", plan, staged[split], sources)
+        realised = np.bincount(plan[:, 0], minlength=len(sources))
+        for stats, slots in zip(source_stats, realised, strict=True):
+            stats["slots"][split] = int(slots)
+    shutil.rmtree(staging)
+
+    if sum(s["slots"]["train"] for s in source_stats) == 0:
+        raise DataError(
+            f"data '{cfg['name']}': no training records left after loading and splitting"
+        )
+
+    if tokenizer is None:
+        tok_cfg = dict(cfg.get("tokenizer") or {})
+        train_only = tok_cfg.get("kind", "char") == "bpe"
+        tok_splits = ("train",) if train_only else SPLITS
+        tokenizer = build_tokenizer(tok_cfg, _iter_texts(out, tok_splits))
+    tokenizer.save(out / "tokenizer.json")
+
+    dtype = token_dtype(tokenizer.vocab_size)
+    splits = {}
+    for split in SPLITS:
+        splits[split] = _encode_split(out, split, fmt, tokenizer, dtype, source_stats, progress)
+    manifest = {
+        "name": cfg["name"],
+        "lmpipe_version": __version__,
+        "format_version": FORMAT_VERSION,
+        "format": fmt,
+        "config_hash": cache_key(cfg, None),
+        "tokenizer_hash": tokenizer.hash,
+        "vocab_size": tokenizer.vocab_size,
+        "dtype": dtype.name,
+        "split": {
+            "by": split_cfg.get("by", "record"),
+            "val_fraction": split_cfg.get("val_fraction", 0.05),
+        },
+        "splits": splits,
+        "sources": source_stats,
+    }
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def _stage_source(spec: dict, fmt: str, split_cfg: dict, seed: int, prefix: Path, progress: bool):
+    """Normalise one source into a staging file, then split it into train/val files."""
+    name = spec["name"]
+    everything = _Staged(prefix.with_suffix(".all.jsonl"))
+    lengths = []
+    records = iter_source(spec)
+    if spec.get("max_samples"):
+        records = islice(records, int(spec["max_samples"]))
+    for raw, where in tqdm(
+        records, desc=f"load {name}", unit=" rec", disable=(not progress) or None, leave=False
+    ):
+        if fmt == "auto":
+            fmt = formats.detect_format(raw, where)
+        record = formats.normalize(raw, fmt, where, spec.get("fields"))
+        everything.append(record)
+        lengths.append(sum(len(t) for t in formats.record_texts(record)))
+    everything.finish()
+    if not everything.offsets:
+        raise DataError(
+            f"data source '{name}': no records ({spec.get('path') or spec.get('hub') or spec.get('builtin')} is empty)"
+        )
+
+    per_split = {s: _Staged(prefix.with_suffix(f".{s}.jsonl")) for s in SPLITS}
+    val_fraction = float(split_cfg.get("val_fraction", 0.05))
+    with everything.path.open("rb") as fh:
+        if split_cfg.get("by", "record") == "position":
+            _split_by_position(everything, fh, lengths, val_fraction, per_split, fmt, name)
+        else:
+            n = len(everything.offsets)
+            n_val = min(n - 1, round(val_fraction * n)) if val_fraction > 0 else 0
+            val_ids = set(np.random.default_rng(seed).permutation(n)[:n_val].tolist())
+            for i in range(n):
+                per_split["val" if i in val_ids else "train"].append(everything.read(fh, i))
+    for staged in per_split.values():
+        staged.finish()
+    everything.path.unlink()
+    stats = {
+        "name": name,
+        "records": len(everything.offsets),
+        "mix_ratio": spec.get("mix_ratio"),
+        "records_per_split": {s: len(per_split[s].offsets) for s in SPLITS},
+        "slots": {},
+        "tokens": {},
+    }
+    return fmt, stats, per_split
+
+
+def _split_by_position(everything, fh, lengths, val_fraction, per_split, fmt, name) -> None:
+    """Cut the source's character stream at ``1 - val_fraction`` (nanoGPT's split)."""
+    if fmt != "text":
+        raise DataError(f"data source '{name}': split.by=position needs text records, not {fmt}")
+    cut = round(sum(lengths) * (1 - val_fraction))
+    seen = 0
+    for i, length in enumerate(lengths):
+        text = everything.read(fh, i)["text"]
+        head, tail = text[: max(0, cut - seen)], text[max(0, cut - seen) :]
+        if head:
+            per_split["train"].append({"text": head})
+        if tail:
+            per_split["val"].append({"text": tail})
+        seen += length
+
+
+def _write_mixed(path: Path, plan, staged: list[_Staged], sources: list[dict]) -> None:
+    handles = [s.path.open("rb") for s in staged]
+    try:
+        with path.open("w", encoding="utf-8") as out:
+            for source, index in plan.tolist():
+                record = {
+                    "source": sources[source]["name"],
+                    **staged[source].read(handles[source], index),
+                }
+                out.write(json.dumps(record, ensure_ascii=False) + "\n")
+    finally:
+        for fh in handles:
+            fh.close()
+
+
+def _iter_mixed(out: Path, split: str) -> Iterator[dict]:
+    with (out / f"mixed_{split}.jsonl").open(encoding="utf-8") as fh:
+        for line in fh:
+            yield json.loads(line)
+
+
+def _iter_texts(out: Path, splits) -> Iterator[str]:
+    for split in splits:
+        for record in _iter_mixed(out, split):
+            yield from formats.record_texts(record)
+
+
+def _encode_split(out, split, fmt, tokenizer, dtype, source_stats, progress) -> dict:
+    writer = ShardWriter(out, split, dtype, with_mask=fmt != "text")
+    tokens_by_source: dict[str, int] = {}
+    total = sum(s["slots"][split] for s in source_stats)
+    bar = tqdm(
+        total=total,
+        desc=f"tokenize {split}",
+        unit=" rec",
+        disable=(not progress) or None,
+        leave=False,
+    )
+    records = _iter_mixed(out, split)
+    while chunk := list(islice(records, ENCODE_CHUNK)):
+        for record, (ids, mask) in zip(
+            chunk, formats.encode_batch(chunk, fmt, tokenizer), strict=True
+        ):
+            writer.add(ids, mask)
+            tokens_by_source[record["source"]] = tokens_by_source.get(record["source"], 0) + len(
+                ids
+            )
+        bar.update(len(chunk))
+    bar.close()
+    writer.close()
+    for stats in source_stats:
+        stats["tokens"][split] = tokens_by_source.get(stats["name"], 0)
+    return {"records": total, "documents": writer.num_documents, "tokens": writer.num_tokens}

@@ -1,0 +1,246 @@
+"""The transformer backbone shared by every architecture.
+
+Pre-norm decoder blocks: RMSNorm (or LayerNorm), RoPE (or learned positions), SDPA
+attention, SwiGLU (or GELU) MLP, tied embeddings. The layout with rmsnorm/rope/swiglu is
+Llama's and with layernorm/learned/gelu is GPT-2's, so weights can be compared with HF
+models of either family. ``causal`` is chosen per call: AR uses it, diffusion does not.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lmpipe.errors import ConfigError
+
+MLP_KINDS = ("swiglu", "gelu")
+NORM_KINDS = ("rmsnorm", "layernorm")
+POS_EMB_KINDS = ("rope", "learned")
+
+
+@dataclass(frozen=True)
+class TransformerConfig:
+    vocab_size: int
+    block_size: int = 256  # longest context the model supports
+    n_layer: int = 4
+    n_head: int = 4
+    d_model: int = 128
+    d_ff: int | None = None  # default: 4*d_model (gelu) or ~8/3*d_model rounded to 32 (swiglu)
+    mlp: str = "swiglu"
+    norm: str = "rmsnorm"
+    pos_emb: str = "rope"
+    rope_theta: float = 10000.0
+    dropout: float = 0.0
+    bias: bool = False
+    tie_embeddings: bool = True
+    norm_eps: float = 1e-5
+    init_std: float = 0.02
+
+    def __post_init__(self):
+        def bad(key, why):
+            raise ConfigError(f"model.{key}={getattr(self, key)!r} {why}")
+
+        for key in ("vocab_size", "block_size", "n_layer", "n_head", "d_model"):
+            if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
+                bad(key, "must be a positive integer")
+        if self.d_model % self.n_head:
+            bad("d_model", f"must be divisible by model.n_head={self.n_head}")
+        if self.pos_emb == "rope" and self.head_dim % 2:
+            bad("d_model", "gives an odd head dimension, which RoPE cannot rotate")
+        for key, allowed in (("mlp", MLP_KINDS), ("norm", NORM_KINDS), ("pos_emb", POS_EMB_KINDS)):
+            if getattr(self, key) not in allowed:
+                bad(key, f"is not one of {', '.join(allowed)}")
+        if not 0 <= self.dropout < 1:
+            bad("dropout", "must be in [0, 1)")
+
+    @classmethod
+    def from_dict(cls, values: dict) -> TransformerConfig:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_head
+
+    @property
+    def hidden_dim(self) -> int:
+        if self.d_ff:
+            return self.d_ff
+        if self.mlp == "gelu":
+            return 4 * self.d_model
+        return 32 * math.ceil(8 * self.d_model / 3 / 32)
+
+
+def _norm(config: TransformerConfig) -> nn.Module:
+    if config.norm == "rmsnorm":
+        return nn.RMSNorm(config.d_model, eps=config.norm_eps)
+    return nn.LayerNorm(config.d_model, eps=config.norm_eps, bias=config.bias)
+
+
+def rope_tables(config: TransformerConfig) -> tuple[Tensor, Tensor]:
+    """cos/sin of shape (block_size, head_dim) in the rotate-half (GPT-NeoX / HF) layout."""
+    inv_freq = 1.0 / (
+        config.rope_theta ** (torch.arange(0, config.head_dim, 2).float() / config.head_dim)
+    )
+    angles = torch.outer(torch.arange(config.block_size).float(), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
+
+
+class KVCache:
+    """Pre-allocated keys/values for incremental decoding, one slot per layer."""
+
+    def __init__(self, config: TransformerConfig):
+        self.config = config
+        self.k: Tensor | None = None  # allocated on first use, in the dtype of the keys
+        self.v: Tensor | None = None
+        self.length = 0  # positions filled
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        if self.k is None:
+            c = self.config
+            shape = (c.n_layer, k.shape[0], c.n_head, c.block_size, c.head_dim)
+            self.k = k.new_zeros(shape)
+            self.v = v.new_zeros(shape)
+        end = self.length + k.shape[2]
+        self.k[layer, :, :, self.length : end] = k
+        self.v[layer, :, :, self.length : end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, config: TransformerConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.n_head = config.n_head
+        self.dropout = config.dropout
+        self.qkv = nn.Linear(config.d_model, 3 * config.d_model, bias=config.bias)
+        self.proj = nn.Linear(config.d_model, config.d_model, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(
+        self, x: Tensor, rope: tuple[Tensor, Tensor] | None, causal: bool, cache: KVCache | None
+    ) -> Tensor:
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        is_causal = causal
+        if cache is not None:
+            first = cache.length == 0
+            k, v = cache.update(self.layer, k, v)
+            # Prefill of an empty cache is an ordinary (causal) pass; a single new token
+            # attends to everything cached; longer chunks after a prefix are not needed.
+            assert first or T == 1, "KV cache supports prefill then one token at a time"
+            is_causal = causal and first
+        y = F.scaled_dot_product_attention(
+            q, k, v, is_causal=is_causal, dropout_p=self.dropout if self.training else 0.0
+        )
+        return self.resid_dropout(self.proj(y.transpose(1, 2).reshape(B, T, C)))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: TransformerConfig):
+        super().__init__()
+        hidden = config.hidden_dim
+        self.gated = config.mlp == "swiglu"
+        self.up = nn.Linear(config.d_model, 2 * hidden if self.gated else hidden, bias=config.bias)
+        self.down = nn.Linear(hidden, config.d_model, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.up(x)
+        if self.gated:
+            gate, value = h.chunk(2, dim=-1)
+            h = F.silu(gate) * value
+        else:
+            h = F.gelu(h)  # exact (erf) GELU, as nanoGPT; the tanh form is slow on CPU
+        return self.dropout(self.down(h))
+
+
+class Block(nn.Module):
+    def __init__(self, config: TransformerConfig, layer: int):
+        super().__init__()
+        self.norm1 = _norm(config)
+        self.attn = Attention(config, layer)
+        self.norm2 = _norm(config)
+        self.mlp = MLP(config)
+
+    def forward(self, x, rope, causal, cache):
+        x = x + self.attn(self.norm1(x), rope, causal, cache)
+        return x + self.mlp(self.norm2(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: TransformerConfig):
+        super().__init__()
+        self.config = config
+        self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)
+        self.pos_emb = (
+            nn.Embedding(config.block_size, config.d_model) if config.pos_emb == "learned" else None
+        )
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        self.norm_f = _norm(config)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+        if config.pos_emb == "rope":
+            cos, sin = rope_tables(config)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self.apply(self._init_weights)
+        # GPT-2: scale the init of projections into the residual stream by depth.
+        for name, param in self.named_parameters():
+            if name.endswith(("attn.proj.weight", "mlp.down.weight")):
+                nn.init.normal_(param, 0.0, config.init_std / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, nn.Linear | nn.Embedding):
+            nn.init.normal_(module.weight, 0.0, self.config.init_std)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Unique parameters; ``non_embedding`` leaves out position embeddings (not matmuls)."""
+        total = sum(p.numel() for p in self.parameters())
+        if non_embedding and self.pos_emb is not None:
+            total -= self.pos_emb.weight.numel()
+        return total
+
+    def hidden_states(self, idx: Tensor, *, causal: bool, cache: KVCache | None = None) -> Tensor:
+        start = cache.length if cache is not None else 0
+        T = idx.shape[1]
+        if start + T > self.config.block_size:
+            raise ValueError(
+                f"sequence of {start + T} tokens exceeds block_size {self.config.block_size}"
+            )
+        x = self.tok_emb(idx)
+        rope = None
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(torch.arange(start, start + T, device=idx.device))
+        else:
+            rope = (self.rope_cos[start : start + T], self.rope_sin[start : start + T])
+        x = self.drop(x)
+        for block in self.blocks:
+            x = block(x, rope, causal, cache)
+        if cache is not None:
+            cache.length += T
+        return self.norm_f(x)
+
+    def forward(self, idx: Tensor, *, causal: bool, cache: KVCache | None = None) -> Tensor:
+        """Logits of shape (B, T, vocab_size)."""
+        return self.lm_head(self.hidden_states(idx, causal=causal, cache=cache))

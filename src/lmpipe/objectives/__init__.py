@@ -1,0 +1,5 @@
+"""Stage losses behind the Objective seam (``base.Objective``)."""
+
+from lmpipe.objectives.base import Objective
+
+__all__ = ["Objective"]

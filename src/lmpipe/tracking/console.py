@@ -1,0 +1,54 @@
+"""Console sink: a progress bar (on a terminal) and periodic metric lines."""
+
+from __future__ import annotations
+
+import math
+import sys
+
+from tqdm.auto import tqdm
+
+
+class ConsoleSink:
+    def __init__(self):
+        self._bar: tqdm | None = None
+
+    def progress(self, step: int, total: int, loss: float | None) -> None:
+        if self._bar is None:
+            # disable=None: a bar on a terminal, nothing when output goes to a file or pipe.
+            self._bar = tqdm(
+                total=total,
+                initial=step,
+                unit="step",
+                dynamic_ncols=True,
+                disable=None,
+                file=sys.stderr,
+                leave=False,
+            )
+        self._bar.update(step - self._bar.n)
+        if loss is not None:
+            self._bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+
+    def message(self, text: str) -> None:
+        tqdm.write(text, file=sys.stdout)
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        self.message(f"step {step:>6} | {format_metrics(metrics)}")
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
+def format_metrics(metrics: dict[str, float]) -> str:
+    parts = []
+    for key, value in metrics.items():
+        if key.endswith("lr"):
+            parts.append(f"{key} {value:.2e}")
+        elif key.endswith(("tokens_per_sec", "tokens")):
+            parts.append(f"{key} {value:,.0f}")
+        elif math.isfinite(value) and value != 0 and (abs(value) >= 1e4 or abs(value) < 1e-3):
+            parts.append(f"{key} {value:.3e}")
+        else:
+            parts.append(f"{key} {value:.4f}")
+    return " | ".join(parts)

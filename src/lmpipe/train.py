@@ -1,0 +1,34 @@
+"""``python -m lmpipe.train``: the one entrypoint for every stage (Hydra app).
+
+Heavy imports happen inside ``main`` so that ``--help`` and ``--cfg job`` are fast.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from lmpipe.cli import run, user_errors
+from lmpipe.rundir import register_resolvers
+
+register_resolvers()
+
+
+@hydra.main(config_path="../../conf", config_name="train", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    from lmpipe.training.run import remove_if_empty, train
+
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        with user_errors("lmpipe.train"):
+            train(cfg, run_dir)
+    finally:
+        remove_if_empty(run_dir)
+
+
+if __name__ == "__main__":
+    run(main, "lmpipe.train")

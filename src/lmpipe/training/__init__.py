@@ -1,0 +1,1 @@
+"""Training: the Trainer loop and what it owns (optimizer, schedule, checkpoints, devices)."""

@@ -1,0 +1,252 @@
+"""Assemble a training run from a composed config and hand it to the Trainer.
+
+Order matters for "nothing half-written": everything that can fail on user input (config
+values, checkpoints, data, model shape) is checked before the run directory gets files.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from lmpipe import __version__
+from lmpipe.config import resume_mode, validate
+from lmpipe.data.prepare import PreparedData, prepare
+from lmpipe.data.samplers import WindowSampler, eval_windows
+from lmpipe.errors import CheckpointError, ConfigError
+from lmpipe.models import LM, build_from_config_dict, build_lm, lm_class
+from lmpipe.tracking import build_logger
+from lmpipe.training.checkpoint import (
+    Checkpoint,
+    latest_checkpoint,
+    list_checkpoints,
+    resolve_checkpoint,
+)
+from lmpipe.training.distributed import (
+    DistEnv,
+    barrier,
+    init_distributed,
+    local_rank_from_env,
+    shutdown,
+    wrap_model,
+)
+from lmpipe.training.hardware import Hardware, resolve_hardware
+from lmpipe.training.optim import build_optimizer
+from lmpipe.training.schedule import build_schedule
+from lmpipe.training.trainer import Trainer, TrainerConfig
+
+
+def train(cfg: DictConfig, run_dir: Path) -> Path:
+    """Run one stage; returns the run directory (its newest checkpoint is the result)."""
+    validate(cfg)
+    hardware = resolve_hardware(OmegaConf.to_container(cfg.hardware), local_rank_from_env())
+    env = init_distributed(hardware.device.type)
+    try:
+        return _train(cfg, run_dir, hardware, env)
+    finally:
+        shutdown(env)
+
+
+def _say(env: DistEnv, text: str) -> None:
+    if env.is_main:
+        print(text, flush=True)
+
+
+def _train(cfg: DictConfig, run_dir: Path, hardware: Hardware, env: DistEnv) -> Path:
+    objective = instantiate(cfg.objective)
+    arch = lm_class(cfg.arch._target_).arch
+    objective.check_arch(arch)
+    tcfg = TrainerConfig.from_dict(OmegaConf.to_container(cfg.trainer, resolve=True))
+    if tcfg.batch_size % env.world_size:
+        raise ConfigError(
+            f"trainer.batch_size={tcfg.batch_size} is not divisible by the {env.world_size} ranks"
+        )
+
+    resume_from = _resume_checkpoint(cfg, run_dir, env)
+    init_from = None
+    if resume_from is None and cfg.init_from:
+        init_from = resolve_checkpoint(cfg.init_from, log=lambda m: _say(env, m))
+    source = resume_from or init_from
+
+    data = _prepare_data(cfg, source, env)
+    model = _build_model(cfg, data, source, arch)
+    if tcfg.block_size > model.config.block_size:
+        raise ConfigError(
+            f"trainer.block_size={tcfg.block_size} is larger than the model supports "
+            f"(model.block_size={model.config.block_size})"
+        )
+    if source is not None:
+        source.load_weights(model)
+    model.to(hardware.device)
+    train_model = wrap_model(
+        torch.compile(model) if hardware.compile else model, env, hardware.device
+    )
+    optimizer = build_optimizer(model, OmegaConf.to_container(cfg.optim), hardware.device)
+    schedule = build_schedule(
+        OmegaConf.to_container(cfg.schedule), float(cfg.optim.lr), tcfg.max_steps
+    )
+
+    row_length = model.row_length(tcfg.block_size)
+    rows_per_rank = tcfg.batch_size // env.world_size
+    train_sampler = WindowSampler(
+        data.split("train"), row_length, rows_per_rank, cfg.seed, env.rank
+    )
+    micro = hardware.micro_batch_size or rows_per_rank
+    val_batches = []
+    if tcfg.eval_batches:
+        val_batches = eval_windows(
+            data.split("val"),
+            row_length,
+            tcfg.block_size,
+            micro,
+            tcfg.eval_batches,
+            env.rank,
+            env.world_size,
+        )
+
+    # Inputs are good: from here on the run directory gets files.
+    run_dir.mkdir(parents=True, exist_ok=True)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    if env.is_main:
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    logger = build_logger(
+        OmegaConf.to_container(cfg.logger), run_dir, run_dir.name, resolved, env.is_main
+    )
+    static_meta = {
+        "architecture": arch,
+        "model_config": model.config_dict(),
+        "model_name": (source.meta.get("model_name") if source else None) or cfg.model.name,
+        "stage": cfg.stage.name,
+        "train_config": resolved,
+        "tokenizer_hash": data.tokenizer.hash,
+        "data_manifest_hash": data.manifest_hash,
+        "data_dir": str(data.directory),
+        "lmpipe_version": __version__,
+    }
+    trainer = Trainer(
+        config=tcfg,
+        model=model,
+        train_model=train_model,
+        objective=objective,
+        optimizer=optimizer,
+        schedule=schedule,
+        train_batches=train_sampler.batch,
+        val_batches=val_batches,
+        hardware=hardware,
+        env=env,
+        logger=logger,
+        run_dir=run_dir,
+        tokenizer=data.tokenizer,
+        checkpoint_meta=lambda: static_meta,
+        seed=cfg.seed,
+    )
+    if resume_from is not None:
+        trainer.load_state_dict(resume_from.trainer_state())
+
+    _say(
+        env,
+        _plan(
+            cfg, model, data, tcfg, hardware, env, schedule.describe(), run_dir, source, resume_from
+        ),
+    )
+    if trainer.step >= tcfg.max_steps:
+        _say(
+            env, f"run already complete at step {trainer.step} (trainer.max_steps={tcfg.max_steps})"
+        )
+        logger.close()
+        return run_dir
+    trainer.fit()
+    _say(env, f"done: {run_dir} (final checkpoint step_{trainer.step:06d})")
+    return run_dir
+
+
+def _resume_checkpoint(cfg: DictConfig, run_dir: Path, env: DistEnv) -> Checkpoint | None:
+    mode = resume_mode(cfg.resume)
+    if mode is None:
+        if list_checkpoints(run_dir):
+            raise ConfigError(
+                f"{run_dir} already has checkpoints: pass resume=auto to continue it, "
+                "or choose another run_name"
+            )
+        return None
+    if mode == "auto":
+        return latest_checkpoint(run_dir, log=lambda m: _say(env, m))
+    return resolve_checkpoint(mode, log=lambda m: _say(env, m))
+
+
+def _prepare_data(cfg: DictConfig, source: Checkpoint | None, env: DistEnv) -> PreparedData:
+    """Prepare on the main rank first (the others then hit its cache)."""
+    data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
+    tokenizer = source.tokenizer() if source is not None else None
+    data = None
+    if env.is_main:
+        data = prepare(data_cfg, cfg.cache_dir, tokenizer=tokenizer)
+    barrier(env)
+    if data is None:
+        data = prepare(data_cfg, cfg.cache_dir, tokenizer=tokenizer, progress=False)
+    if source is not None and data.tokenizer.hash != source.meta["tokenizer_hash"]:
+        raise CheckpointError(
+            f"tokenizer mismatch: checkpoint {source.path} has {source.meta['tokenizer_hash'][:12]}, "
+            f"dataset {data.directory} has {data.tokenizer.hash[:12]}"
+        )
+    return data
+
+
+def _build_model(cfg: DictConfig, data: PreparedData, source: Checkpoint | None, arch: str) -> LM:
+    if source is None:
+        return build_lm(
+            OmegaConf.to_container(cfg.arch),
+            OmegaConf.to_container(cfg.model),
+            data.tokenizer.vocab_size,
+        )
+    if source.meta["architecture"] != arch:
+        raise CheckpointError(
+            f"architecture mismatch: {source.path} is arch={source.meta['architecture']}, "
+            f"the config asks for arch={arch}"
+        )
+    # The shape comes from the checkpoint; a stage may still change dropout.
+    saved = json.loads(json.dumps(source.meta["model_config"]))
+    saved["model"]["dropout"] = float(cfg.model.dropout)
+    return build_from_config_dict(saved)
+
+
+def _plan(
+    cfg, model, data, tcfg, hardware, env, schedule_text, run_dir, source, resume_from
+) -> str:
+    params = model.backbone.num_params()
+    tokens = data.manifest["splits"]["train"]["tokens"]
+    accum = max(
+        1,
+        tcfg.batch_size
+        // env.world_size
+        // (hardware.micro_batch_size or tcfg.batch_size // env.world_size),
+    )
+    origin = (
+        f"resuming from {resume_from.path} (step {resume_from.step})"
+        if resume_from
+        else f"weights from {source.path}"
+        if source
+        else "fresh weights"
+    )
+    lines = [
+        f"lmpipe {__version__} | stage={cfg.stage.name} arch={model.arch} model={cfg.model.name} data={cfg.data.name}",
+        f"  run dir    {run_dir}",
+        f"  model      {params / 1e6:.2f}M params, {origin}",
+        f"  data       {data.directory} ({tokens:,} train tokens, vocab {data.tokenizer.vocab_size})",
+        f"  batch      {tcfg.batch_size} x {tcfg.block_size} tokens/step on {env.world_size} rank(s), "
+        f"{accum} micro-batch(es); {tcfg.max_steps} steps",
+        f"  optimizer  {cfg.optim.name} lr {cfg.optim.lr:g}; {schedule_text}",
+        f"  hardware   {hardware.device} {hardware.precision}{' compiled' if hardware.compile else ''}",
+    ]
+    return "\n".join(lines)
+
+
+def remove_if_empty(run_dir: Path) -> None:
+    """Drop a run directory Hydra created for a run that failed before writing anything."""
+    if run_dir.is_dir() and not any(run_dir.iterdir()):
+        shutil.rmtree(run_dir, ignore_errors=True)

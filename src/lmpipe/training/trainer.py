@@ -1,0 +1,258 @@
+"""The Trainer loop. It knows an LM, an Objective and batches -- never the stage or the arch.
+
+One step = one sampled batch -> ``objective.prepare`` (usually itself; PPO turns it into
+rollout minibatches) -> for each update: micro-batches with gradient accumulation under
+autocast, clipping, optimizer step. Eval, logging and checkpoints happen between steps.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from lmpipe.batch import Batch
+from lmpipe.data.tokenizer import Tokenizer
+from lmpipe.models import LM
+from lmpipe.objectives import Objective
+from lmpipe.seeding import derive_seed
+from lmpipe.tracking import MetricLogger
+from lmpipe.training.checkpoint import checkpoint_dir, prune_checkpoints, save_checkpoint
+from lmpipe.training.distributed import DistEnv, all_reduce_sum, barrier, no_sync
+from lmpipe.training.hardware import Hardware
+from lmpipe.training.schedule import LRSchedule
+
+
+@dataclass(frozen=True)
+class TrainerConfig:
+    max_steps: int
+    batch_size: int  # rows per step, all ranks and micro-batches together
+    block_size: int  # positions per row the model processes
+    grad_clip: float | None = 1.0
+    log_interval: int = 10
+    eval_interval: int = 100
+    eval_batches: int = 20
+    eval_at_start: bool = True
+    save_interval: int = 100
+    keep_last: int = 3
+
+    @classmethod
+    def from_dict(cls, values: dict) -> TrainerConfig:
+        return cls(**{k: values[k] for k in cls.__dataclass_fields__ if k in values})
+
+
+class MetricAverager:
+    """Running means of metrics, weighted by ``num_tokens`` when given (which is summed)."""
+
+    def __init__(self):
+        self.totals: dict[str, float] = {}
+        self.weights: dict[str, float] = {}
+
+    def add(self, metrics: dict[str, Tensor | float]) -> None:
+        weight = float(metrics.get("num_tokens", 1.0))
+        for key, value in metrics.items():
+            summed = key == "num_tokens"
+            self.totals[key] = self.totals.get(key, 0.0) + float(value) * (
+                1.0 if summed else weight
+            )
+            self.weights[key] = self.weights.get(key, 0.0) + (0.0 if summed else weight)
+
+    def result(self, env: DistEnv, device: torch.device) -> dict[str, float]:
+        """Means over all micro-batches of all ranks (``num_tokens``: the total)."""
+        keys = sorted(self.totals)
+        packed = torch.tensor(
+            [[self.totals[k], self.weights[k]] for k in keys], dtype=torch.float64
+        )
+        if env.enabled:
+            packed = all_reduce_sum(packed.to(device), env).cpu()
+        return {
+            k: total if k == "num_tokens" else total / max(weight, 1e-12)
+            for k, (total, weight) in zip(keys, packed.tolist(), strict=True)
+        }
+
+
+class Trainer:
+    def __init__(
+        self,
+        *,
+        config: TrainerConfig,
+        model: LM,
+        train_model: nn.Module,
+        objective: Objective,
+        optimizer: torch.optim.Optimizer,
+        schedule: LRSchedule,
+        train_batches: Callable[[int], Batch],
+        val_batches: list[Batch],
+        hardware: Hardware,
+        env: DistEnv,
+        logger: MetricLogger,
+        run_dir: Path,
+        tokenizer: Tokenizer,
+        checkpoint_meta: Callable[[], dict],
+        seed: int,
+    ):
+        self.config = config
+        self.model = model  # the bare LM (checkpoints, generation)
+        self.train_model = train_model  # what the objective calls (maybe DDP/compiled)
+        self.objective = objective
+        self.optimizer = optimizer
+        self.schedule = schedule
+        self.train_batches = train_batches
+        self.val_batches = val_batches
+        self.hardware = hardware
+        self.env = env
+        self.logger = logger
+        self.run_dir = run_dir
+        self.tokenizer = tokenizer
+        self.checkpoint_meta = checkpoint_meta
+        self.seed = seed
+        self.scaler = hardware.grad_scaler()
+        self.step = 0
+        self.tokens_seen = 0
+        self.best_val_loss = math.inf
+        self.last_val: dict[str, float] = {}
+
+    # --- state --------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {
+            "step": self.step,  # also the sampler position: batches are a function of it
+            "tokens_seen": self.tokens_seen,
+            "best_val_loss": self.best_val_loss,
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = int(state["step"])
+        self.tokens_seen = int(state["tokens_seen"])
+        self.best_val_loss = float(state["best_val_loss"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+
+    # --- loop ---------------------------------------------------------------------
+    def fit(self) -> None:
+        cfg = self.config
+        self.objective.setup(self)
+        if self.step == 0 and cfg.eval_at_start and self.val_batches:
+            self.evaluate()
+        train_time, interval_tokens = 0.0, 0
+        self.logger.progress(self.step, cfg.max_steps)
+        while self.step < cfg.max_steps:
+            # Every random draw of a step (dropout, noise, rollouts) comes from a seed that is
+            # a function of the step, so a resumed run replays exactly what it would have done.
+            torch.manual_seed(derive_seed(self.seed, "train", self.step, self.env.rank))
+            lr = self.schedule(self.step)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            started = time.perf_counter()
+            batch = self.train_batches(self.step)
+            metrics = self.train_step(batch)
+            step_tokens = cfg.batch_size * cfg.block_size
+            self.step += 1
+            self.tokens_seen += step_tokens
+            interval_tokens += step_tokens
+            train_time += time.perf_counter() - started
+            self.logger.progress(self.step, cfg.max_steps, metrics.get("loss"))
+
+            if self.step % cfg.log_interval == 0 or self.step == cfg.max_steps:
+                self._log_train(metrics, lr, interval_tokens / max(train_time, 1e-9))
+                train_time, interval_tokens = 0.0, 0
+            if self.val_batches and (
+                self.step % cfg.eval_interval == 0 or self.step == cfg.max_steps
+            ):
+                self.evaluate()
+            if self.step % cfg.save_interval == 0 or self.step == cfg.max_steps:
+                self.save()
+        self.logger.close()
+
+    def train_step(self, batch: Batch) -> dict[str, float]:
+        """One optimizer step per update batch the objective prepares; returns metrics."""
+        self.train_model.train()
+        averager = MetricAverager()
+        rows = self.micro_batch_rows
+        grad_norm = torch.zeros(())
+        for update in self.objective.prepare(self.train_model, batch):
+            micro_batches = update.split(rows)
+            for i, micro in enumerate(micro_batches):
+                micro = micro.to(self.hardware.device)
+                last = i == len(micro_batches) - 1
+                with no_sync(self.train_model, not last), self.hardware.autocast():
+                    loss, metrics = self.objective.loss(self.train_model, micro)
+                self.scaler.scale(loss * (len(micro) / len(update))).backward()
+                averager.add(metrics)
+            self.scaler.unscale_(self.optimizer)
+            clip = self.config.grad_clip if self.config.grad_clip else math.inf
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.optimizer.zero_grad(set_to_none=True)
+        averager.add({"grad_norm": grad_norm})
+        return averager.result(self.env, self.hardware.device)
+
+    @property
+    def micro_batch_rows(self) -> int:
+        per_rank = self.config.batch_size // self.env.world_size
+        return self.hardware.micro_batch_size or per_rank
+
+    # --- reporting ----------------------------------------------------------------
+    def _named(self, split: str, metrics: dict[str, float]) -> dict[str, float]:
+        named = {f"{split}/{k}": v for k, v in metrics.items() if k != "num_tokens"}
+        if self.objective.reports_perplexity and "loss" in metrics:
+            named[f"{split}/perplexity"] = math.exp(min(metrics["loss"], 50.0))
+        return named
+
+    def _log_train(self, metrics: dict[str, float], lr: float, tokens_per_sec: float) -> None:
+        named = self._named("train", metrics)
+        named["train/lr"] = lr
+        named["train/tokens"] = self.tokens_seen
+        named["train/tokens_per_sec"] = tokens_per_sec
+        if self.hardware.peak_tflops:
+            flops = self.model.flops_per_token(self.config.block_size) * tokens_per_sec
+            named["train/mfu_percent"] = (
+                100 * flops / (self.hardware.peak_tflops * 1e12 * self.env.world_size)
+            )
+        self.logger.log(self.step, named)
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Objective metrics on the held-out batches, token-weighted, as ``val/*``."""
+        self.train_model.eval()
+        torch.manual_seed(derive_seed(self.seed, "eval"))  # same noise at every eval (diffusion)
+        averager = MetricAverager()
+        for batch in self.val_batches:
+            with self.hardware.autocast():
+                _, metrics = self.objective.loss(self.model, batch.to(self.hardware.device))
+            averager.add(metrics)
+        self.train_model.train()
+        named = self._named("val", averager.result(self.env, self.hardware.device))
+        if "val/loss" in named:
+            self.best_val_loss = min(self.best_val_loss, named["val/loss"])
+        self.last_val = named
+        self.logger.log(self.step, named)
+        return named
+
+    def save(self) -> None:
+        if self.env.is_main:
+            meta = {
+                **self.checkpoint_meta(),
+                "global_step": self.step,
+                "best_val_loss": None if math.isinf(self.best_val_loss) else self.best_val_loss,
+                "val": self.last_val,
+            }
+            path = checkpoint_dir(self.run_dir, self.step)
+            save_checkpoint(
+                path,
+                model=self.model,
+                trainer_state=self.state_dict(),
+                tokenizer=self.tokenizer,
+                meta=meta,
+            )
+            prune_checkpoints(self.run_dir, self.config.keep_last)
+            self.logger.message(f"saved checkpoint {path}")
+        barrier(self.env)
