@@ -19,7 +19,6 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from _common import interleaved_times, median, print_table, random_rows, shakespeare_char_tokens
 from lmpipe.batch import Batch
 from lmpipe.data.tokenizer import Tokenizer
 from lmpipe.models import build_lm
@@ -30,6 +29,8 @@ from lmpipe.training.hardware import resolve_hardware
 from lmpipe.training.optim import build_optimizer
 from lmpipe.training.schedule import build_schedule
 from lmpipe.training.trainer import Trainer, TrainerConfig
+
+from _common import interleaved_times, median, print_table, random_rows, shakespeare_char_tokens
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 OPTIM = {"name": "adamw", "lr": 1e-3, "betas": [0.9, 0.99], "weight_decay": 0.1, "eps": 1e-8}

@@ -13,6 +13,7 @@ import numpy as np
 
 from lmpipe.data.formats import FORMATS
 from lmpipe.data.sources import source_kind
+from lmpipe.data.tokenizer import TOKENIZER_KINDS
 from lmpipe.errors import ConfigError
 
 SPLIT_METHODS = ("record", "position")
@@ -47,6 +48,11 @@ def validate_mixture(cfg: dict) -> None:
     total = sum(float(s.get("mix_ratio", 1.0 / len(sources))) for s in sources)
     if not math.isclose(total, 1.0, abs_tol=1e-6):
         raise ConfigError(f"data '{name}': mix_ratio values sum to {total:g}, not 1")
+    tok_kind = (cfg.get("tokenizer") or {}).get("kind", "char")
+    if tok_kind not in TOKENIZER_KINDS:
+        raise ConfigError(
+            f"data.tokenizer.kind={tok_kind!r} is not one of {', '.join(TOKENIZER_KINDS)}"
+        )
     split = cfg.get("split") or {}
     if split.get("by", "record") not in SPLIT_METHODS:
         raise ConfigError(

@@ -20,6 +20,7 @@ from lmpipe.data.prepare import PreparedData, prepare
 from lmpipe.data.samplers import WindowSampler, eval_windows
 from lmpipe.errors import CheckpointError, ConfigError
 from lmpipe.models import LM, build_from_config_dict, build_lm, lm_class
+from lmpipe.seeding import derive_seed
 from lmpipe.tracking import build_logger
 from lmpipe.training.checkpoint import (
     Checkpoint,
@@ -199,6 +200,7 @@ def _prepare_data(cfg: DictConfig, source: Checkpoint | None, env: DistEnv) -> P
 
 def _build_model(cfg: DictConfig, data: PreparedData, source: Checkpoint | None, arch: str) -> LM:
     if source is None:
+        torch.manual_seed(derive_seed(cfg.seed, "init"))
         return build_lm(
             OmegaConf.to_container(cfg.arch),
             OmegaConf.to_container(cfg.model),

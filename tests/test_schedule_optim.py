@@ -1,0 +1,87 @@
+import math
+
+import pytest
+import torch
+
+from lmpipe.errors import ConfigError
+from lmpipe.models import build_lm
+from lmpipe.training.optim import build_optimizer, param_groups
+from lmpipe.training.schedule import build_schedule
+
+
+def test_cosine_warmup_plan_endpoints():
+    s = build_schedule({"name": "cosine", "warmup_steps": 10, "min_lr_ratio": 0.1}, 1e-3, 111)
+    assert s(0) == 0.0
+    assert s(5) == pytest.approx(5e-4)
+    assert s(10) == 1e-3
+    assert s(60) == pytest.approx(1e-4 + 0.5 * 9e-4)
+    assert s(110) == pytest.approx(1e-4)
+    assert all(s(i) >= s(i + 1) for i in range(10, 110))
+
+
+def test_midtraining_rewarmup_from_lr_over_10():
+    # LR/10 -> LR over 5% of the steps, then cosine LR -> LR/10.
+    s = build_schedule(
+        {"warmup_ratio": 0.05, "warmup_start_ratio": 0.1, "min_lr_ratio": 0.1}, 2e-4, 1000
+    )
+    assert s.warmup_steps == 50
+    assert s(0) == pytest.approx(2e-5)
+    assert s(50) == pytest.approx(2e-4)
+    assert s(999) == pytest.approx(2e-5)
+    assert "2e-05 -> 0.0002" in s.describe()
+
+
+def test_wsd_is_flat_then_decays_over_the_tail():
+    s = build_schedule(
+        {"name": "wsd", "warmup_steps": 10, "decay_ratio": 0.2, "min_lr_ratio": 0.0}, 1.0, 100
+    )
+    assert s(10) == s(79) == 1.0
+    assert 0 < s(90) < 1.0
+    assert s(99) == pytest.approx(0.0)
+
+
+@pytest.mark.parametrize(
+    "cfg", [{"warmup_steps": 100}, {"name": "step"}, {"warmup_steps": None, "warmup_ratio": 1.5}]
+)
+def test_bad_schedules(cfg):
+    with pytest.raises(ConfigError):
+        build_schedule(cfg, 1e-3, 100)
+
+
+def test_weight_decay_skips_norms_biases_and_embeddings():
+    model = build_lm(
+        {"_target_": "lmpipe.models.ar.ARLM"},
+        {
+            "n_layer": 1,
+            "n_head": 2,
+            "d_model": 16,
+            "block_size": 8,
+            "bias": True,
+            "pos_emb": "learned",
+            "norm": "layernorm",
+            "mlp": "gelu",
+        },
+        11,
+    )
+    decay, no_decay = param_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    assert decayed == {
+        "backbone.blocks.0.attn.qkv.weight",
+        "backbone.blocks.0.attn.proj.weight",
+        "backbone.blocks.0.mlp.up.weight",
+        "backbone.blocks.0.mlp.down.weight",
+    }
+    total = len(decay["params"]) + len(no_decay["params"])
+    assert total == len(list(model.parameters()))  # the tied head is counted once
+    optimizer = build_optimizer(model, {"lr": 1e-3, "weight_decay": 0.1}, torch.device("cpu"))
+    assert [g["weight_decay"] for g in optimizer.param_groups] == [0.1, 0.0]
+    assert not math.isnan(optimizer.param_groups[0]["lr"])
+
+
+def test_bad_optimizer_config():
+    model = torch.nn.Linear(2, 2)
+    with pytest.raises(ConfigError, match="optim.name"):
+        build_optimizer(model, {"name": "sgd", "lr": 1.0}, torch.device("cpu"))
+    with pytest.raises(ConfigError, match="optim.betas"):
+        build_optimizer(model, {"lr": 1.0, "betas": [0.9, 1.5]}, torch.device("cpu"))
