@@ -141,3 +141,37 @@ def test_bad_mixture_configs_are_rejected_with_the_key(tmp_path, changes, messag
 def test_missing_file_is_a_data_error(tmp_path):
     with pytest.raises(DataError, match="file not found"):
         prepare(jsonl_cfg(tmp_path / "absent.jsonl"), tmp_path, progress=False)
+
+
+def test_other_file_types_and_the_datasets_loader(tmp_path):
+    """.json lists, .parquet files, globs, and HF ``datasets`` loading (``hub:`` takes a hub id
+    or, as here without network, a local dataset folder) all give the same records."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    texts = [f"record number {i} says hello" for i in range(40)]
+    folder = tmp_path / "hubdata"
+    folder.mkdir()
+    (folder / "train.jsonl").write_text("".join(json.dumps({"body": t}) + "\n" for t in texts))
+    (tmp_path / "list.json").write_text(json.dumps([{"body": t} for t in texts]))
+    pq.write_table(pa.table({"body": texts}), tmp_path / "table.parquet")
+    for part in range(2):
+        (tmp_path / f"shard{part}.jsonl").write_text(
+            "".join(json.dumps({"body": t}) + "\n" for t in texts[part * 20 : (part + 1) * 20])
+        )
+    sources = [
+        {"hub": str(folder)},
+        {"path": str(tmp_path / "list.json")},
+        {"path": str(tmp_path / "table.parquet")},
+        {"path": str(tmp_path / "shard*.jsonl")},
+    ]
+    for source in sources:
+        cfg = demo_cfg(
+            sources=[{"name": "s", "mix_ratio": 1.0, "fields": {"body": "text"}, **source}],
+            tokenizer={"kind": "char"},
+            split={"val_fraction": 0.0},
+            shuffle=False,
+        )
+        data = prepare(cfg, tmp_path / "cache", progress=False)
+        got = [json.loads(line)["text"] for line in (data.directory / "mixed_train.jsonl").open()]
+        assert got == texts, source

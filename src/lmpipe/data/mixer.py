@@ -80,7 +80,10 @@ def plan_mixture(
     total: int | None = None,
     shuffle: bool = True,
 ) -> np.ndarray:
-    """Ordered slots of the mixture: an ``(n, 2)`` array of (source index, record index)."""
+    """Ordered slots of the mixture: an ``(n, 2)`` array of (source index, record index).
+
+    ``shuffle=False`` keeps every source's records in order and the sources in config order.
+    """
     total = sum(counts) if total is None else total
     rng = np.random.default_rng(seed)
     parts = [np.zeros((0, 2), dtype=np.int64)]
@@ -89,7 +92,10 @@ def plan_mixture(
     ):
         if count == 0 or slots == 0:
             continue
-        passes = [rng.permutation(count) for _ in range(math.ceil(slots / count))]
+        passes = [
+            rng.permutation(count) if shuffle else np.arange(count)
+            for _ in range(math.ceil(slots / count))
+        ]
         order = np.concatenate(passes)[:slots]
         parts.append(np.stack([np.full(slots, source), order], axis=1))
     plan = np.concatenate(parts)

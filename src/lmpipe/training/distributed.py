@@ -66,6 +66,15 @@ def all_reduce_sum(tensor: torch.Tensor, env: DistEnv) -> torch.Tensor:
     return tensor
 
 
+def broadcast_from_main(value, env: DistEnv):
+    """Rank 0's ``value`` on every rank (e.g. the run directory rank 0 chose)."""
+    if not env.enabled:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def barrier(env: DistEnv) -> None:
     if env.enabled:
         dist.barrier()

@@ -31,6 +31,7 @@ from lmpipe.training.checkpoint import (
 from lmpipe.training.distributed import (
     DistEnv,
     barrier,
+    broadcast_from_main,
     init_distributed,
     local_rank_from_env,
     shutdown,
@@ -48,7 +49,8 @@ def train(cfg: DictConfig, run_dir: Path) -> Path:
     hardware = resolve_hardware(OmegaConf.to_container(cfg.hardware), local_rank_from_env())
     env = init_distributed(hardware.device.type)
     try:
-        return _train(cfg, run_dir, hardware, env)
+        # Each rank's Hydra picked a run directory; rank 0's choice is the one.
+        return _train(cfg, Path(broadcast_from_main(str(run_dir), env)), hardware, env)
     finally:
         shutdown(env)
 
