@@ -40,15 +40,32 @@ class ConsoleSink:
             self._bar = None
 
 
+_SHORT = {
+    "accuracy": "acc",
+    "perplexity": "ppl",
+    "grad_norm": "grad",
+    "tokens_per_sec": "tok/s",
+    "mfu_percent": "mfu%",
+}
+
+
+def _short_name(key: str) -> str:
+    """``train/loss`` -> ``loss``, ``val/perplexity`` -> ``val ppl`` (the jsonl keeps full names)."""
+    split, _, name = key.rpartition("/")
+    name = _SHORT.get(name, name)
+    return name if split in ("", "train") else f"{split} {name}"
+
+
 def format_metrics(metrics: dict[str, float]) -> str:
     parts = []
     for key, value in metrics.items():
         if key.endswith("lr"):
-            parts.append(f"{key} {value:.2e}")
+            text = f"{value:.2e}"
         elif key.endswith(("tokens_per_sec", "tokens")):
-            parts.append(f"{key} {value:,.0f}")
+            text = f"{value:,.0f}"
         elif math.isfinite(value) and value != 0 and (abs(value) >= 1e4 or abs(value) < 1e-3):
-            parts.append(f"{key} {value:.3e}")
+            text = f"{value:.3e}"
         else:
-            parts.append(f"{key} {value:.4f}")
+            text = f"{value:.4f}"
+        parts.append(f"{_short_name(key)} {text}")
     return " | ".join(parts)

@@ -7,6 +7,7 @@ values, checkpoints, data, model shape) is checked before the run directory gets
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -151,12 +152,11 @@ def _train(cfg: DictConfig, run_dir: Path, hardware: Hardware, env: DistEnv) -> 
     if resume_from is not None:
         trainer.load_state_dict(resume_from.trainer_state())
 
-    _say(
-        env,
-        _plan(
-            cfg, model, data, tcfg, hardware, env, schedule.describe(), run_dir, source, resume_from
-        ),
-    )
+    if resume_from is not None:
+        origin = f"resuming from {resume_from.path} (step {resume_from.step})"
+    else:
+        origin = f"weights from {source.path}" if source is not None else "fresh weights"
+    _say(env, _plan(cfg, trainer, data, static_meta["model_name"], origin))
     if trainer.step >= tcfg.max_steps:
         _say(
             env, f"run already complete at step {trainer.step} (trainer.max_steps={tcfg.max_steps})"
@@ -220,34 +220,25 @@ def _build_model(cfg: DictConfig, data: PreparedData, source: Checkpoint | None,
 
 
 def _plan(
-    cfg, model, data, tcfg, hardware, env, schedule_text, run_dir, source, resume_from
+    cfg: DictConfig, trainer: Trainer, data: PreparedData, model_name: str, origin: str
 ) -> str:
-    params = model.backbone.num_params()
+    """What is about to happen, in a few lines, before the first step."""
+    tcfg, hw, env = trainer.config, trainer.hardware, trainer.env
+    micro_batches = math.ceil(tcfg.batch_size // env.world_size / trainer.micro_batch_rows)
     tokens = data.manifest["splits"]["train"]["tokens"]
-    accum = max(
-        1,
-        tcfg.batch_size
-        // env.world_size
-        // (hardware.micro_batch_size or tcfg.batch_size // env.world_size),
+    return "\n".join(
+        [
+            f"lmpipe {__version__} | stage={cfg.stage.name} arch={trainer.model.arch} "
+            f"model={model_name} data={cfg.data.name}",
+            f"  run dir    {trainer.run_dir}",
+            f"  model      {trainer.model.backbone.num_params() / 1e6:.2f}M params, {origin}",
+            f"  data       {data.directory} ({tokens:,} train tokens, vocab {data.tokenizer.vocab_size})",
+            f"  batch      {tcfg.batch_size} x {tcfg.block_size} tokens/step on {env.world_size} rank(s), "
+            f"{micro_batches} micro-batch(es) each; {tcfg.max_steps} steps",
+            f"  optimizer  {cfg.optim.name} lr {cfg.optim.lr:g}; {trainer.schedule.describe()}",
+            f"  hardware   {hw.device} {hw.precision}{' compiled' if hw.compile else ''}",
+        ]
     )
-    origin = (
-        f"resuming from {resume_from.path} (step {resume_from.step})"
-        if resume_from
-        else f"weights from {source.path}"
-        if source
-        else "fresh weights"
-    )
-    lines = [
-        f"lmpipe {__version__} | stage={cfg.stage.name} arch={model.arch} model={cfg.model.name} data={cfg.data.name}",
-        f"  run dir    {run_dir}",
-        f"  model      {params / 1e6:.2f}M params, {origin}",
-        f"  data       {data.directory} ({tokens:,} train tokens, vocab {data.tokenizer.vocab_size})",
-        f"  batch      {tcfg.batch_size} x {tcfg.block_size} tokens/step on {env.world_size} rank(s), "
-        f"{accum} micro-batch(es); {tcfg.max_steps} steps",
-        f"  optimizer  {cfg.optim.name} lr {cfg.optim.lr:g}; {schedule_text}",
-        f"  hardware   {hardware.device} {hardware.precision}{' compiled' if hardware.compile else ''}",
-    ]
-    return "\n".join(lines)
 
 
 def remove_if_empty(run_dir: Path) -> None:

@@ -202,7 +202,8 @@ class Trainer:
 
     # --- reporting ----------------------------------------------------------------
     def _named(self, split: str, metrics: dict[str, float]) -> dict[str, float]:
-        named = {f"{split}/{k}": v for k, v in metrics.items() if k != "num_tokens"}
+        order = sorted(metrics, key=lambda k: (k != "loss", k))  # loss first on the console
+        named = {f"{split}/{k}": metrics[k] for k in order if k != "num_tokens"}
         if self.objective.reports_perplexity and "loss" in metrics:
             named[f"{split}/perplexity"] = math.exp(min(metrics["loss"], 50.0))
         return named
