@@ -126,3 +126,29 @@ def test_initial_loss_is_near_uniform():
     scores = model(Batch(ids, torch.ones(4, 24)))
     loss = scores.nll.sum() / scores.target_mask.sum()
     assert abs(loss.item() - math.log(64)) < 0.3
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_a_packed_row_scores_like_its_segments_one_by_one(layout):
+    """Packing: no attention across segments and positions restart in each one."""
+    model = tiny_ar(**layout).eval()
+    lengths = [7, 5, 9]
+    episodes = [torch.randint(0, 37, (n,)) for n in lengths]
+    masks = [torch.ones(n) for n in lengths]
+    pad = 24 - sum(lengths)
+    packed = Batch(
+        torch.cat([*episodes, torch.zeros(pad, dtype=torch.long)])[None],
+        torch.cat([*masks, torch.zeros(pad)])[None],
+        segment_ids=torch.cat(
+            [torch.full((n,), i) for i, n in enumerate([*lengths, pad])]
+        )[None],
+    )
+    packed_nll = model.token_nll(packed)[0]
+    start = 0
+    for ids, mask in zip(episodes, masks, strict=True):
+        alone = model.token_nll(Batch(ids[None], mask[None]))[0]
+        # A segment's first token has no context: never a target, packed or alone.
+        torch.testing.assert_close(
+            packed_nll[start : start + len(ids)], alone, atol=1e-5, rtol=1e-5
+        )
+        start += len(ids)

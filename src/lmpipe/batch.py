@@ -22,6 +22,13 @@ class Batch:
 
     input_ids: Tensor  # (B, L) int64
     loss_mask: Tensor  # (B, L) float32 0/1
+    # Packing: which episode of its row each token belongs to (B, L) int64. Tokens attend
+    # only within their segment and positions restart at each segment. None: one per row.
+    segment_ids: Tensor | None = None
+    # DPO: precomputed reference sequence log-probs, one per row (B,).
+    ref_logps: Tensor | None = None
+    # Which episodes (dataset documents) the rows hold, for the run's episode log.
+    episode_ids: list[int] | None = None
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -39,3 +46,6 @@ class Batch:
     def split(self, rows: int) -> list[Batch]:
         """Micro-batches of at most ``rows`` rows (gradient accumulation)."""
         return [self._map(lambda t, s=s: t[s : s + rows]) for s in range(0, len(self), rows)]
+
+    def with_fields(self, **changes) -> Batch:
+        return dataclasses.replace(self, **changes)

@@ -118,6 +118,11 @@ class Tokenizer:
         return token_id
 
     @cached_property
+    def special_ids(self) -> dict[str, int]:
+        """Every lmpipe special token by name (``SPECIAL_TOKENS``) -> its id."""
+        return {name: self.special_id(name) for name in SPECIAL_TOKENS}
+
+    @cached_property
     def eos_id(self) -> int:
         return self.special_id("eos")
 

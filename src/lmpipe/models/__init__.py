@@ -21,15 +21,22 @@ def lm_class(target: str) -> type[LM]:
     return cls
 
 
-def build_lm(arch_cfg: dict, model_cfg: dict, vocab_size: int) -> LM:
-    """An LM from the ``arch`` and ``model`` config groups (names and targets dropped)."""
+def build_lm(
+    arch_cfg: dict, model_cfg: dict, vocab_size: int, special_ids: dict[str, int] | None = None
+) -> LM:
+    """An LM from the ``arch`` and ``model`` config groups (names and targets dropped) and
+    the tokenizer's vocabulary size and special token ids."""
     cls = lm_class(arch_cfg["_target_"])
     options = {k: v for k, v in arch_cfg.items() if k not in ("_target_", "name")}
     shape = {k: v for k, v in model_cfg.items() if k != "name"}
     unknown = set(shape) - set(TransformerConfig.__dataclass_fields__)
     if unknown:
         raise ConfigError(f"model config has unknown keys: {', '.join(sorted(unknown))}")
-    return cls(TransformerConfig.from_dict({**shape, "vocab_size": vocab_size}), **options)
+    config = TransformerConfig.from_dict({**shape, "vocab_size": vocab_size})
+    try:
+        return cls(config, special_ids=special_ids, **options)
+    except TypeError as exc:  # an unknown knob in conf/arch/<name>.yaml
+        raise ConfigError(f"arch={arch_cfg.get('name')}: {exc}") from None
 
 
 def build_from_config_dict(config: dict) -> LM:

@@ -25,12 +25,15 @@ class ARLM(LM):
 
     def forward(self, batch: Batch, *, generator: torch.Generator | None = None) -> TokenScores:
         ids = batch.input_ids
-        logits = self.backbone(ids[:, :-1], causal=True)
+        segments = batch.segment_ids[:, :-1] if batch.segment_ids is not None else None
+        logits = self.backbone(ids[:, :-1], causal=True, segment_ids=segments)
         targets = ids[:, 1:]
         nll = F.cross_entropy(
             logits.float().flatten(0, 1), targets.flatten(), reduction="none"
         ).view_as(targets)
         mask = batch.loss_mask[:, 1:] > 0
+        if batch.segment_ids is not None:  # a segment's first token has no context in it
+            mask &= batch.segment_ids[:, 1:] == batch.segment_ids[:, :-1]
         correct = (logits.argmax(dim=-1) == targets) & mask
         # Token 0 has no context, so it is never a target: pad the first column.
         return TokenScores(

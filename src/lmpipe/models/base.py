@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from lmpipe.batch import Batch
+from lmpipe.errors import ConfigError
 from lmpipe.models.transformer import Transformer, TransformerConfig
 
 
@@ -31,9 +32,12 @@ class LM(nn.Module):
     arch: ClassVar[str]
     exact_likelihood: ClassVar[bool]
 
-    def __init__(self, config: TransformerConfig):
+    def __init__(self, config: TransformerConfig, special_ids: dict[str, int] | None = None):
         super().__init__()
         self.config = config
+        # The tokenizer's special tokens by name (eos, pad, mask, ...): an architecture that
+        # needs one (diffusion's MASK) reads it here; saved with checkpoints.
+        self.special_ids = dict(special_ids or {})
         self.backbone = Transformer(config)
 
     # --- the seam -----------------------------------------------------------------
@@ -49,8 +53,17 @@ class LM(nn.Module):
         raise NotImplementedError
 
     def arch_options(self) -> dict:
-        """Architecture knobs beyond the backbone config (saved with checkpoints)."""
-        return {}
+        """Constructor arguments beyond the backbone config (saved with checkpoints).
+        Subclasses with knobs of their own extend this dict."""
+        return {"special_ids": self.special_ids}
+
+    def special_id(self, name: str) -> int:
+        if name not in self.special_ids:
+            raise ConfigError(
+                f"arch={self.arch} needs the tokenizer's '{name}' token, which this model was "
+                "not given"
+            )
+        return self.special_ids[name]
 
     def config_dict(self) -> dict:
         """Enough to rebuild the module: see ``lmpipe.models.build_from_config_dict``."""

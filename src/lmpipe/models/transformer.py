@@ -132,7 +132,12 @@ class Attention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
 
     def forward(
-        self, x: Tensor, rope: tuple[Tensor, Tensor] | None, causal: bool, cache: KVCache | None
+        self,
+        x: Tensor,
+        rope: tuple[Tensor, Tensor] | None,
+        causal: bool,
+        cache: KVCache | None,
+        mask: Tensor | None = None,
     ) -> Tensor:
         B, T, C = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
@@ -146,8 +151,15 @@ class Attention(nn.Module):
             # attends to everything cached; longer chunks after a prefix are not needed.
             assert first or T == 1, "KV cache supports prefill then one token at a time"
             is_causal = causal and first
+        if mask is not None:  # packed segments: the mask already holds causality
+            is_causal = False
         y = F.scaled_dot_product_attention(
-            q, k, v, is_causal=is_causal, dropout_p=self.dropout if self.training else 0.0
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            is_causal=is_causal,
+            dropout_p=self.dropout if self.training else 0.0,
         )
         return self.resid_dropout(self.proj(y.transpose(1, 2).reshape(B, T, C)))
 
@@ -179,8 +191,8 @@ class Block(nn.Module):
         self.norm2 = _norm(config)
         self.mlp = MLP(config)
 
-    def forward(self, x, rope, causal, cache):
-        x = x + self.attn(self.norm1(x), rope, causal, cache)
+    def forward(self, x, rope, causal, cache, mask=None):
+        x = x + self.attn(self.norm1(x), rope, causal, cache, mask)
         return x + self.mlp(self.norm2(x))
 
 
@@ -221,26 +233,77 @@ class Transformer(nn.Module):
             total -= self.pos_emb.weight.numel()
         return total
 
-    def hidden_states(self, idx: Tensor, *, causal: bool, cache: KVCache | None = None) -> Tensor:
+    def hidden_states(
+        self,
+        idx: Tensor,
+        *,
+        causal: bool,
+        cache: KVCache | None = None,
+        segment_ids: Tensor | None = None,
+    ) -> Tensor:
+        """Final-norm hidden states (B, T, d_model).
+
+        ``segment_ids`` (B, T) packs several sequences per row: a token attends only to
+        tokens of its own segment and positions restart at 0 in every segment, so a packed
+        row computes exactly what its segments would compute one by one.
+        """
         start = cache.length if cache is not None else 0
         T = idx.shape[1]
         if start + T > self.config.block_size:
             raise ValueError(
                 f"sequence of {start + T} tokens exceeds block_size {self.config.block_size}"
             )
+        mask = None
+        if segment_ids is not None:
+            if cache is not None:
+                raise ValueError("packed segments and a KV cache cannot be combined")
+            positions = segment_positions(segment_ids)
+            mask = segment_mask(segment_ids, causal)
+        else:
+            positions = torch.arange(start, start + T, device=idx.device)
         x = self.tok_emb(idx)
         rope = None
         if self.pos_emb is not None:
-            x = x + self.pos_emb(torch.arange(start, start + T, device=idx.device))
+            x = x + self.pos_emb(positions)
         else:
-            rope = (self.rope_cos[start : start + T], self.rope_sin[start : start + T])
+            rope = (self.rope_cos[positions], self.rope_sin[positions])
+            if segment_ids is not None:  # (B, T, D) -> (B, 1, T, D): broadcast over heads
+                rope = (rope[0][:, None], rope[1][:, None])
         x = self.drop(x)
         for block in self.blocks:
-            x = block(x, rope, causal, cache)
+            x = block(x, rope, causal, cache, mask)
         if cache is not None:
             cache.length += T
         return self.norm_f(x)
 
-    def forward(self, idx: Tensor, *, causal: bool, cache: KVCache | None = None) -> Tensor:
+    def forward(
+        self,
+        idx: Tensor,
+        *,
+        causal: bool,
+        cache: KVCache | None = None,
+        segment_ids: Tensor | None = None,
+    ) -> Tensor:
         """Logits of shape (B, T, vocab_size)."""
-        return self.lm_head(self.hidden_states(idx, causal=causal, cache=cache))
+        return self.lm_head(
+            self.hidden_states(idx, causal=causal, cache=cache, segment_ids=segment_ids)
+        )
+
+
+def segment_positions(segment_ids: Tensor) -> Tensor:
+    """Position of every token within its segment: 0, 1, ... restarting at each change."""
+    T = segment_ids.shape[1]
+    index = torch.arange(T, device=segment_ids.device).expand_as(segment_ids)
+    starts = torch.ones_like(segment_ids, dtype=torch.bool)
+    starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+    first = torch.where(starts, index, torch.zeros_like(index)).cummax(dim=1).values
+    return index - first
+
+
+def segment_mask(segment_ids: Tensor, causal: bool) -> Tensor:
+    """(B, 1, T, T) boolean attention mask: same segment (and not in the future if causal)."""
+    mask = segment_ids[:, :, None] == segment_ids[:, None, :]
+    if causal:
+        T = segment_ids.shape[1]
+        mask &= torch.ones(T, T, dtype=torch.bool, device=segment_ids.device).tril()
+    return mask[:, None]

@@ -207,6 +207,7 @@ def _build_model(cfg: DictConfig, data: PreparedData, source: Checkpoint | None,
             OmegaConf.to_container(cfg.arch),
             OmegaConf.to_container(cfg.model),
             data.tokenizer.vocab_size,
+            data.tokenizer.special_ids,
         )
     if source.meta["architecture"] != arch:
         raise CheckpointError(
