@@ -42,6 +42,7 @@ def test_round_trip_weights_state_and_tokenizer(tmp_path):
         "meta.json",
         "model.safetensors",
         "tokenizer.json",
+        "tokenizer_config.json",
         "trainer_state.pt",
     ]
     loaded = ckpt.load_checkpoint(path)

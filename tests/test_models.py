@@ -139,9 +139,7 @@ def test_a_packed_row_scores_like_its_segments_one_by_one(layout):
     packed = Batch(
         torch.cat([*episodes, torch.zeros(pad, dtype=torch.long)])[None],
         torch.cat([*masks, torch.zeros(pad)])[None],
-        segment_ids=torch.cat(
-            [torch.full((n,), i) for i, n in enumerate([*lengths, pad])]
-        )[None],
+        segment_ids=torch.cat([torch.full((n,), i) for i, n in enumerate([*lengths, pad])])[None],
     )
     packed_nll = model.token_nll(packed)[0]
     start = 0

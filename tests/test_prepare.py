@@ -38,6 +38,7 @@ def test_outputs_are_consistent_and_inspectable(tmp_path):
     assert names == {
         "manifest.json",
         "tokenizer.json",
+        "tokenizer_config.json",
         "mixed_train.jsonl",
         "mixed_val.jsonl",
         "tokens_train.bin",

@@ -27,7 +27,11 @@ class Batch:
     segment_ids: Tensor | None = None
     # DPO: precomputed reference sequence log-probs, one per row (B,).
     ref_logps: Tensor | None = None
-    # Which episodes (dataset documents) the rows hold, for the run's episode log.
+    # Rows that form one example and must stay together (2 for a chosen/rejected pair).
+    rows_per_example: int = 1
+    # Tokens that are not padding (throughput counts these); None: every token.
+    real_tokens: int | None = None
+    # Which episodes the whole step (all ranks) holds, for the run's episode log.
     episode_ids: list[int] | None = None
 
     def __len__(self) -> int:
@@ -43,8 +47,13 @@ class Batch:
     def to(self, device: torch.device | str) -> Batch:
         return self._map(lambda t: t.to(device, non_blocking=True))
 
-    def split(self, rows: int) -> list[Batch]:
-        """Micro-batches of at most ``rows`` rows (gradient accumulation)."""
+    @property
+    def num_examples(self) -> int:
+        return len(self) // self.rows_per_example
+
+    def split(self, examples: int) -> list[Batch]:
+        """Micro-batches of at most ``examples`` examples (gradient accumulation)."""
+        rows = examples * self.rows_per_example
         return [self._map(lambda t, s=s: t[s : s + rows]) for s in range(0, len(self), rows)]
 
     def with_fields(self, **changes) -> Batch:

@@ -1,8 +1,9 @@
 """Mixture validation and the mixing plan.
 
-Each source gets ``mix_ratio * total`` slots (largest-remainder rounding, so slots sum to
-``total``), filled from a seeded permutation of its records, wrapping around when it has
-fewer records than slots; then all slots are shuffled together.
+Each source gets ``mix_ratio * total`` slots, where ``total`` is ``data.total_records`` or,
+by default, the sum of the sources' kept records (largest-remainder rounding, so slots sum
+to ``total``). A source's slots are filled from a seeded permutation of its records,
+wrapping around when it has fewer records than slots; then all slots are shuffled together.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import math
 
 import numpy as np
 
+from lmpipe.data.adapters import ADAPTERS
+from lmpipe.data.filters import build_filters
 from lmpipe.data.formats import FORMATS
 from lmpipe.data.sources import source_kind
 from lmpipe.data.tokenizer import TOKENIZER_KINDS
@@ -45,9 +48,19 @@ def validate_mixture(cfg: dict) -> None:
         max_samples = src.get("max_samples")
         if max_samples is not None and (not isinstance(max_samples, int) or max_samples < 1):
             raise ConfigError(f"data source '{label}': max_samples={max_samples!r} must be >= 1")
-    total = sum(float(s.get("mix_ratio", 1.0 / len(sources))) for s in sources)
+        adapter = src.get("adapter")
+        if adapter is not None and adapter not in ADAPTERS:
+            raise ConfigError(
+                f"data source '{label}': unknown adapter '{adapter}' "
+                f"(known: {', '.join(sorted(ADAPTERS))})"
+            )
+        build_filters(src.get("filters") or [], label, set())  # raises on a bad filter spec
+    total = sum(mixture_ratios(sources))
     if not math.isclose(total, 1.0, abs_tol=1e-6):
         raise ConfigError(f"data '{name}': mix_ratio values sum to {total:g}, not 1")
+    total_records = cfg.get("total_records")
+    if total_records is not None and (not isinstance(total_records, int) or total_records < 1):
+        raise ConfigError(f"data.total_records={total_records!r} must be a positive integer")
     tok_kind = (cfg.get("tokenizer") or {}).get("kind", "char")
     if tok_kind not in TOKENIZER_KINDS:
         raise ConfigError(
@@ -61,6 +74,11 @@ def validate_mixture(cfg: dict) -> None:
     val_fraction = split.get("val_fraction", 0.05)
     if not isinstance(val_fraction, int | float) or not 0 <= val_fraction < 1:
         raise ConfigError(f"data.split.val_fraction={val_fraction!r} must be in [0, 1)")
+
+
+def mixture_ratios(sources: list[dict]) -> list[float]:
+    """Each source's ``mix_ratio``; sources without one share the mixture equally."""
+    return [float(s.get("mix_ratio", 1.0 / len(sources))) for s in sources]
 
 
 def allocate_slots(ratios: list[float], total: int) -> list[int]:

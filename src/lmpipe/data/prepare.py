@@ -1,7 +1,8 @@
 """Turn a mixture config into a cached, inspectable, tokenized dataset directory.
 
-    sources -> normalise -> split each source -> mix by ratio -> mixed_{split}.jsonl
-            -> tokenizer (trained on the mixture, or given) -> token shards -> manifest.json
+    sources -> adapt -> normalise -> filter -> split each source -> mix by ratio
+            -> mixed_{split}.jsonl -> tokenizer (trained on the mixture, or given)
+            -> token shards (+ loss mask) -> manifest.json (counts, drops, ratios, hashes)
 
 The directory name carries a hash of the config and tokenizer, so a second run with the
 same inputs is a cache hit. It is built in a temporary sibling and renamed into place, so
@@ -15,6 +16,7 @@ import hashlib
 import json
 import os
 import shutil
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from itertools import islice
@@ -25,9 +27,11 @@ from tqdm.auto import tqdm
 
 from lmpipe import __version__
 from lmpipe.data import formats
-from lmpipe.data.mixer import plan_mixture, validate_mixture
+from lmpipe.data.adapters import ADAPTERS
+from lmpipe.data.filters import build_filters, first_failing
+from lmpipe.data.mixer import mixture_ratios, plan_mixture, validate_mixture
 from lmpipe.data.shards import ShardWriter, TokenShards, token_dtype
-from lmpipe.data.sources import iter_source
+from lmpipe.data.sources import has_own_val, iter_source
 from lmpipe.data.tokenizer import Tokenizer, build_tokenizer
 from lmpipe.errors import DataError
 
@@ -51,7 +55,7 @@ class PreparedData:
         if not manifest_path.is_file():
             raise DataError(f"{directory} is not a prepared dataset (no manifest.json)")
         manifest = json.loads(manifest_path.read_text())
-        tokenizer = Tokenizer.from_file(directory / "tokenizer.json")
+        tokenizer = Tokenizer.load(directory)
         return cls(directory=directory, manifest=manifest, tokenizer=tokenizer)
 
     def split(self, name: str) -> TokenShards:
@@ -143,27 +147,31 @@ def _build(cfg: dict, out: Path, tokenizer: Tokenizer | None, progress: bool) ->
     sources = list(cfg["sources"])
     source_stats = []
     staged: dict[str, list[_Staged]] = {s: [] for s in SPLITS}
+    dedup_scope: set[bytes] = set()  # exact dedup runs across the whole mixture
     for i, spec in enumerate(sources):
         fmt, stats, per_split = _stage_source(
-            spec, fmt, split_cfg, seed + i, staging / str(i), progress
+            spec, fmt, split_cfg, seed + i, staging / str(i), dedup_scope, progress
         )
         source_stats.append(stats)
         for split in SPLITS:
             staged[split].append(per_split[split])
 
-    ratios = [float(s.get("mix_ratio", 1.0 / len(sources))) for s in sources]
+    ratios = mixture_ratios(sources)
     for split in SPLITS:
         counts = [len(s.offsets) for s in staged[split]]
+        total = cfg.get("total_records") if split == "train" else None
         plan = plan_mixture(
             counts,
             ratios,
             seed=seed + 1000 * (split == "val"),
+            total=total,
             shuffle=bool(cfg.get("shuffle", True)),
         )
         _write_mixed(out / f"mixed_{split}.jsonl", plan, staged[split], sources)
         realised = np.bincount(plan[:, 0], minlength=len(sources))
         for stats, slots in zip(source_stats, realised, strict=True):
             stats["slots"][split] = int(slots)
+            stats["realised_ratio"][split] = round(int(slots) / max(len(plan), 1), 6)
     shutil.rmtree(staging)
 
     if sum(s["slots"]["train"] for s in source_stats) == 0:
@@ -176,7 +184,7 @@ def _build(cfg: dict, out: Path, tokenizer: Tokenizer | None, progress: bool) ->
         train_only = tok_cfg.get("kind", "char") == "bpe"
         tok_splits = ("train",) if train_only else SPLITS
         tokenizer = build_tokenizer(tok_cfg, _iter_texts(out, tok_splits))
-    tokenizer.save(out / "tokenizer.json")
+    tokenizer.save(out)
 
     dtype = token_dtype(tokenizer.vocab_size)
     splits = {}
@@ -187,6 +195,7 @@ def _build(cfg: dict, out: Path, tokenizer: Tokenizer | None, progress: bool) ->
         "lmpipe_version": __version__,
         "format_version": FORMAT_VERSION,
         "format": fmt,
+        "documents_per_record": formats.DOCUMENTS_PER_RECORD[fmt],
         "config_hash": cache_key(cfg, None),
         "tokenizer_hash": tokenizer.hash,
         "vocab_size": tokenizer.vocab_size,
@@ -201,32 +210,73 @@ def _build(cfg: dict, out: Path, tokenizer: Tokenizer | None, progress: bool) ->
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
 
 
-def _stage_source(spec: dict, fmt: str, split_cfg: dict, seed: int, prefix: Path, progress: bool):
-    """Normalise one source into a staging file, then split it into train/val files."""
+def _kept_records(
+    spec: dict, fmt: str, split: str, dedup_scope: set[bytes], dropped: Counter, progress: bool
+) -> Iterator[tuple[dict, str]]:
+    """A source's records, normalised, with the ones its adapter, format checks and filters
+    reject dropped and counted by reason; stops after ``max_samples`` kept records."""
     name = spec["name"]
+    adapter = ADAPTERS[spec["adapter"]] if spec.get("adapter") else None
+    filters = build_filters(spec.get("filters") or [], name, dedup_scope)
+    records = iter_source(spec, split)
+    kept = 0
+    bar = tqdm(
+        records, desc=f"load {name}", unit=" rec", disable=(not progress) or None, leave=False
+    )
+    for raw, where in bar:
+        try:
+            if adapter is not None:
+                raw = adapter(raw, where)
+            record_fmt = formats.detect_format(raw, where) if fmt == "auto" else fmt
+            record = formats.normalize(raw, record_fmt, where, spec.get("fields"))
+        except formats.SkipRecord as skip:
+            dropped[skip.reason] += 1
+            continue
+        failed = first_failing(filters, "\n".join(formats.record_texts(record)))
+        if failed is not None:
+            dropped[failed] += 1
+            continue
+        yield record, record_fmt
+        fmt = record_fmt
+        kept += 1
+        if spec.get("max_samples") and kept >= int(spec["max_samples"]):
+            break
+    bar.close()
+
+
+def _stage_source(
+    spec: dict,
+    fmt: str,
+    split_cfg: dict,
+    seed: int,
+    prefix: Path,
+    dedup_scope: set[bytes],
+    progress: bool,
+):
+    """Normalise and filter one source into staging files, split into train and val."""
+    name = spec["name"]
+    dropped: Counter = Counter()
     everything = _Staged(prefix.with_suffix(".all.jsonl"))
     lengths = []
-    records = iter_source(spec)
-    if spec.get("max_samples"):
-        records = islice(records, int(spec["max_samples"]))
-    for raw, where in tqdm(
-        records, desc=f"load {name}", unit=" rec", disable=(not progress) or None, leave=False
-    ):
-        if fmt == "auto":
-            fmt = formats.detect_format(raw, where)
-        record = formats.normalize(raw, fmt, where, spec.get("fields"))
+    for record, record_fmt in _kept_records(spec, fmt, "train", dedup_scope, dropped, progress):
+        fmt = record_fmt
         everything.append(record)
         lengths.append(sum(len(t) for t in formats.record_texts(record)))
     everything.finish()
     if not everything.offsets:
-        raise DataError(
-            f"data source '{name}': no records ({spec.get('path') or spec.get('hub') or spec.get('builtin')} is empty)"
-        )
+        where = spec.get("path") or spec.get("hub") or spec.get("builtin")
+        why = f" (dropped: {dict(dropped)})" if dropped else f" ({where} is empty)"
+        raise DataError(f"data source '{name}': no records{why}")
 
     per_split = {s: _Staged(prefix.with_suffix(f".{s}.jsonl")) for s in SPLITS}
     val_fraction = float(split_cfg.get("val_fraction", 0.05))
     with everything.path.open("rb") as fh:
-        if split_cfg.get("by", "record") == "position":
+        if has_own_val(spec):
+            for i in range(len(everything.offsets)):
+                per_split["train"].append(everything.read(fh, i))
+            for record, _ in _kept_records(spec, fmt, "val", dedup_scope, dropped, progress):
+                per_split["val"].append(record)
+        elif split_cfg.get("by", "record") == "position":
             _split_by_position(everything, fh, lengths, val_fraction, per_split, fmt, name)
         else:
             n = len(everything.offsets)
@@ -240,9 +290,11 @@ def _stage_source(spec: dict, fmt: str, split_cfg: dict, seed: int, prefix: Path
     stats = {
         "name": name,
         "records": len(everything.offsets),
+        "dropped": dict(sorted(dropped.items())),
         "mix_ratio": spec.get("mix_ratio"),
         "records_per_split": {s: len(per_split[s].offsets) for s in SPLITS},
         "slots": {},
+        "realised_ratio": {},
         "tokens": {},
     }
     return fmt, stats, per_split
@@ -292,6 +344,8 @@ def _iter_texts(out: Path, splits) -> Iterator[str]:
 
 
 def _encode_split(out, split, fmt, tokenizer, dtype, source_stats, progress) -> dict:
+    """Tokenize a split's mixed records into its shards; each record gives
+    ``DOCUMENTS_PER_RECORD[fmt]`` consecutive documents."""
     writer = ShardWriter(out, split, dtype, with_mask=fmt != "text")
     tokens_by_source: dict[str, int] = {}
     total = sum(s["slots"][split] for s in source_stats)
@@ -304,13 +358,14 @@ def _encode_split(out, split, fmt, tokenizer, dtype, source_stats, progress) -> 
     )
     records = _iter_mixed(out, split)
     while chunk := list(islice(records, ENCODE_CHUNK)):
-        for record, (ids, mask) in zip(
+        for record, documents in zip(
             chunk, formats.encode_batch(chunk, fmt, tokenizer), strict=True
         ):
-            writer.add(ids, mask)
-            tokens_by_source[record["source"]] = tokens_by_source.get(record["source"], 0) + len(
-                ids
-            )
+            for ids, mask in documents:
+                writer.add(ids, mask)
+                tokens_by_source[record["source"]] = tokens_by_source.get(
+                    record["source"], 0
+                ) + len(ids)
         bar.update(len(chunk))
     bar.close()
     writer.close()

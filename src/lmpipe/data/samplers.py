@@ -2,22 +2,38 @@
 
 A sampler's batch for step ``k`` is a pure function of ``(seed, k, rank)``: the step *is*
 the sampler position, so a resumed run continues with exactly the next batch on any
-number of ranks without saving per-rank state.
+number of ranks. ``position(k)`` describes that position (epoch, batch within it) for the
+checkpoint, where resume checks it against the data it finds.
+
+- ``WindowSampler``: fixed-length windows at random offsets of the token stream
+  (pretraining, mid-training);
+- ``EpisodeSampler``: whole episodes (one conversation, or one chosen/rejected pair),
+  epoch by epoch in a seeded order, padded or packed (SFT, DPO).
 """
 
 from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from lmpipe.batch import Batch
 from lmpipe.data.shards import TokenShards
-from lmpipe.errors import DataError
+from lmpipe.errors import ConfigError, DataError
 from lmpipe.seeding import derive_seed
 
 
 def _rows(tokens: np.ndarray, starts: np.ndarray, length: int) -> torch.Tensor:
     return torch.from_numpy(np.stack([tokens[s : s + length] for s in starts]).astype(np.int64))
+
+
+def _mask_rows(shards: TokenShards, starts: np.ndarray, length: int) -> torch.Tensor:
+    if shards.mask is None:
+        return torch.ones(len(starts), length, dtype=torch.float32)
+    return _rows(shards.mask, starts, length).float()
 
 
 class WindowSampler:
@@ -50,7 +66,10 @@ class WindowSampler:
         high = len(self.shards) - self.row_length + 1
         starts = torch.randint(high, (self.rows,), generator=generator).numpy()
         ids = _rows(self.shards.tokens, starts, self.row_length)
-        return Batch(input_ids=ids, loss_mask=torch.ones_like(ids, dtype=torch.float32))
+        return Batch(input_ids=ids, loss_mask=_mask_rows(self.shards, starts, self.row_length))
+
+    def position(self, step: int) -> dict:
+        return {"kind": "windows", "step": step}
 
 
 def eval_windows(
@@ -74,6 +93,277 @@ def eval_windows(
     starts = (np.arange(count) * stride)[rank::world_size]
     batches = []
     for i in range(0, len(starts), rows):
-        ids = _rows(shards.tokens, starts[i : i + rows], row_length)
-        batches.append(Batch(input_ids=ids, loss_mask=torch.ones_like(ids, dtype=torch.float32)))
+        chunk = starts[i : i + rows]
+        ids = _rows(shards.tokens, chunk, row_length)
+        batches.append(Batch(input_ids=ids, loss_mask=_mask_rows(shards, chunk, row_length)))
     return batches
+
+
+@dataclass(frozen=True)
+class EpisodeOptions:
+    """How episodes become rows (``sampler`` config group keys)."""
+
+    epoch_seed: int
+    epoch_shuffle: bool
+    epoch_drop_last: bool
+    episode_min_tokens: int
+    packing: bool
+
+    @classmethod
+    def from_dict(cls, values: dict) -> EpisodeOptions:
+        missing = [k for k in cls.__dataclass_fields__ if k not in values]
+        if missing:
+            raise ConfigError(f"sampler config is missing {', '.join(missing)}")
+        options = cls(**{k: values[k] for k in cls.__dataclass_fields__})
+        if not isinstance(options.episode_min_tokens, int) or options.episode_min_tokens < 0:
+            raise ConfigError(
+                f"sampler.episode_min_tokens={options.episode_min_tokens!r} must be an integer >= 0"
+            )
+        return options
+
+
+class Episodes:
+    """The episodes of one split: an episode is ``docs_per_episode`` consecutive documents
+    (1 for chat, 2 for a preference pair: chosen then rejected), truncated to the row.
+
+    Episodes whose documents keep no loss token after truncation, or that are shorter
+    than ``min_tokens``, are dropped; ``dropped`` counts them by reason.
+    """
+
+    def __init__(
+        self, shards: TokenShards, docs_per_episode: int, row_length: int, min_tokens: int = 0
+    ):
+        self.shards = shards
+        self.row_length = row_length
+        starts = np.asarray(shards.doc_starts, dtype=np.int64)
+        ends = np.append(starts[1:], len(shards)).astype(np.int64)
+        if len(starts) % docs_per_episode:
+            raise DataError(
+                f"{len(starts)} documents do not form episodes of {docs_per_episode} documents"
+            )
+        self.starts = starts.reshape(-1, docs_per_episode)
+        self.lengths = np.minimum(ends - starts, row_length).reshape(-1, docs_per_episode)
+        self.dropped: Counter = Counter()
+        kept = []
+        for episode in range(len(self.starts)):
+            if self.lengths[episode].sum() < min_tokens:
+                self.dropped["below_min_tokens"] += 1
+            elif not all(self._has_target(s, n) for s, n in self._docs(episode)):
+                self.dropped["no_target_after_truncation"] += 1
+            else:
+                kept.append(episode)
+        self.kept = np.asarray(kept, dtype=np.int64)
+
+    def _docs(self, episode: int):
+        return zip(self.starts[episode].tolist(), self.lengths[episode].tolist(), strict=True)
+
+    def _has_target(self, start: int, length: int) -> bool:
+        if self.shards.mask is None:
+            return length > 1
+        # A document's first token is never a target (nothing precedes it).
+        return bool(self.shards.mask[start + 1 : start + length].any())
+
+    def tokens(self, episode: int) -> int:
+        return int(self.lengths[episode].sum())
+
+    def documents(self, episode: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        """(token ids, loss mask) of each document of the episode, truncated."""
+        out = []
+        for start, length in self._docs(episode):
+            ids = np.asarray(self.shards.tokens[start : start + length], dtype=np.int64)
+            if self.shards.mask is None:
+                mask = np.ones(length, dtype=np.float32)
+            else:
+                mask = np.asarray(self.shards.mask[start : start + length], dtype=np.float32)
+            out.append((ids, mask))
+        return out
+
+
+class EpisodeSampler:
+    """Episode-indexed batches: each epoch visits every kept episode exactly once.
+
+    The epoch order is a permutation seeded by ``(epoch_seed, epoch)`` (or the data order
+    without shuffling); ``rows`` examples per step over all ranks, each rank taking its
+    slice. An incomplete last batch of an epoch is dropped (``epoch_drop_last``) or filled
+    from the start of the epoch. Padding puts one episode document per row, padded to the
+    batch's longest; packing fills rows of ``row_length`` with consecutive episodes, kept
+    apart by segment ids. With ``pad_id`` padding has loss 0; an architecture that learns
+    to stop by predicting EOS in the padding (``pads_with_eos``) pads with EOS, trained.
+    """
+
+    def __init__(
+        self,
+        episodes: Episodes,
+        rows: int,
+        options: EpisodeOptions,
+        *,
+        pad_id: int,
+        eos_id: int | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
+        self.episodes = episodes
+        self.rows = rows
+        self.options = options
+        self.pad_id = pad_id
+        self.eos_id = eos_id  # set: pad with EOS and train on it
+        self.rank = rank
+        self.world_size = world_size
+        self._plans: dict[int, list[tuple[int, ...]]] = {}
+        self.reference: torch.Tensor | None = None  # (episodes, docs) precomputed values
+        if options.packing and episodes.starts.shape[1] != 1:
+            raise ConfigError(
+                "sampler.packing=true is for single-document episodes (SFT), not pairs"
+            )
+        if self.steps_in_epoch(0) == 0:
+            raise DataError(
+                f"{len(episodes.kept)} usable episodes cannot fill one batch of {rows} "
+                f"(dropped: {dict(episodes.dropped) or 'none'})"
+            )
+
+    # --- the plan -------------------------------------------------------------------
+    def _epoch_rows(self, epoch: int) -> list[tuple[int, ...]]:
+        """The epoch's rows: each a tuple of episode ids (one, or several when packing)."""
+        if epoch not in self._plans:
+            if len(self._plans) > 4:  # a resumed or long run only ever needs the recent ones
+                self._plans.clear()
+            self._plans[epoch] = self._plan_epoch(epoch)
+        return self._plans[epoch]
+
+    def _plan_epoch(self, epoch: int) -> list[tuple[int, ...]]:
+        kept = self.episodes.kept
+        if self.options.epoch_shuffle:
+            rng = np.random.default_rng(derive_seed(self.options.epoch_seed, "epoch", epoch))
+            kept = kept[rng.permutation(len(kept))]
+        if not self.options.packing:
+            return [(int(e),) for e in kept]
+        rows, current, used = [], [], 0
+        for episode in kept.tolist():
+            size = self.episodes.tokens(episode)
+            if current and used + size > self.episodes.row_length:
+                rows.append(tuple(current))
+                current, used = [], 0
+            current.append(episode)
+            used += size
+        if current:
+            rows.append(tuple(current))
+        return rows
+
+    def steps_in_epoch(self, epoch: int) -> int:
+        rows = len(self._epoch_rows(epoch))
+        if self.options.epoch_drop_last:
+            return rows // self.rows
+        return -(-rows // self.rows)
+
+    def position(self, step: int) -> dict:
+        """Epoch and batch within the epoch of optimizer step ``step``."""
+        epoch, index = 0, step
+        while index >= (count := self.steps_in_epoch(epoch)):
+            index -= count
+            epoch += 1
+        return {"kind": "episodes", "step": step, "epoch": epoch, "batch_in_epoch": index}
+
+    def step_rows(self, step: int) -> list[tuple[int, ...]]:
+        """The rows (episode ids) of the whole step, all ranks."""
+        where = self.position(step)
+        rows = self._epoch_rows(where["epoch"])
+        first = where["batch_in_epoch"] * self.rows
+        return [rows[(first + i) % len(rows)] for i in range(self.rows)]
+
+    def batch(self, step: int) -> Batch:
+        rows = self.step_rows(step)
+        per_rank = self.rows // self.world_size
+        mine = rows[self.rank * per_rank : (self.rank + 1) * per_rank]
+        batch = collate_episodes(
+            self.episodes,
+            mine,
+            packing=self.options.packing,
+            pad_id=self.pad_id,
+            eos_id=self.eos_id,
+        )
+        batch.episode_ids = [e for row in rows for e in row]
+        if self.reference is not None:
+            batch.ref_logps = self.reference[[e for row in mine for e in row]].flatten()
+        return batch
+
+    def attach_reference(self, score: Callable[[Batch], torch.Tensor], examples: int) -> None:
+        """Score every kept episode once (``score(batch) -> (rows,)``, e.g. a frozen
+        reference model's log-probs); later batches carry the values as ``ref_logps``."""
+        docs = self.episodes.starts.shape[1]
+        table = torch.zeros(len(self.episodes.starts), docs)
+        kept = self.episodes.kept.tolist()
+        for i in range(0, len(kept), examples):
+            chunk = kept[i : i + examples]
+            batch = collate_episodes(
+                self.episodes,
+                [(e,) for e in chunk],
+                packing=False,
+                pad_id=self.pad_id,
+                eos_id=self.eos_id,
+            )
+            table[chunk] = score(batch).view(len(chunk), docs)
+        self.reference = table
+
+
+def collate_episodes(
+    episodes: Episodes,
+    rows: list[tuple[int, ...]],
+    *,
+    packing: bool,
+    pad_id: int,
+    eos_id: int | None = None,
+) -> Batch:
+    """Rows of episode ids -> a Batch. Without packing every document is its own row (a
+    pair gives two: chosen, rejected), padded to the longest; with packing a row holds its
+    episodes one after another, with segment ids, padded to ``row_length``. ``eos_id``:
+    pad with EOS and train on it (architectures with ``pads_with_eos``), to the full row."""
+    docs = [[d for e in row for d in episodes.documents(e)] for row in rows]
+    if not packing:
+        docs = [[d] for row in docs for d in row]
+    lengths = [sum(len(ids) for ids, _ in row) for row in docs]
+    width = episodes.row_length if (packing or eos_id is not None) else max(lengths)
+    ids = np.full((len(docs), width), pad_id if eos_id is None else eos_id, dtype=np.int64)
+    mask = np.zeros((len(docs), width), dtype=np.float32)
+    segments = np.zeros((len(docs), width), dtype=np.int64)
+    for r, row in enumerate(docs):
+        at = 0
+        for s, (doc_ids, doc_mask) in enumerate(row):
+            ids[r, at : at + len(doc_ids)] = doc_ids
+            mask[r, at : at + len(doc_ids)] = doc_mask
+            segments[r, at : at + len(doc_ids)] = s
+            at += len(doc_ids)
+        segments[r, at:] = len(row)  # padding is a segment of its own
+        if eos_id is not None:
+            mask[r, at:] = 1.0
+    return Batch(
+        input_ids=torch.from_numpy(ids),
+        loss_mask=torch.from_numpy(mask),
+        segment_ids=torch.from_numpy(segments) if packing else None,
+        rows_per_example=episodes.starts.shape[1],
+        real_tokens=sum(lengths),
+    )
+
+
+def eval_episodes(
+    episodes: Episodes,
+    rows: int,
+    max_batches: int,
+    *,
+    pad_id: int,
+    eos_id: int | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+) -> list[Batch]:
+    """Held-out batches: the split's episodes in order, unpacked, this rank's share, up to
+    ``max_batches`` batches of ``rows`` examples. The same set at every eval."""
+    mine = episodes.kept[: max_batches * rows * world_size][rank::world_size].tolist()
+    return [
+        collate_episodes(
+            episodes,
+            [(e,) for e in mine[i : i + rows]],
+            packing=False,
+            pad_id=pad_id,
+            eos_id=eos_id,
+        )
+        for i in range(0, len(mine), rows)
+    ]

@@ -30,9 +30,20 @@ def source_kind(spec: dict) -> str:
     return kinds[0]
 
 
-def iter_source(spec: dict) -> Iterator[Located]:
-    """All raw records of one source, in order, each with its location."""
+# Where a source's own validation split is, per loader (instead of a fraction of it).
+OWN_VAL_KEYS = {"path": "val_path", "hub": "val_split"}
+
+
+def has_own_val(spec: dict) -> bool:
+    return bool(spec.get(OWN_VAL_KEYS.get(source_kind(spec), "")))
+
+
+def iter_source(spec: dict, split: str = "train") -> Iterator[Located]:
+    """All raw records of one source, in order, each with its location. ``split="val"``
+    reads the source's own validation split (``val_path`` / ``val_split``)."""
     kind = source_kind(spec)
+    if split == "val":
+        spec = {**spec, {"path": "path", "hub": "split"}[kind]: spec[OWN_VAL_KEYS[kind]]}
     if kind == "builtin":
         yield from _iter_builtin(spec)
     elif kind == "path":
@@ -166,7 +177,11 @@ def _iter_hub(spec: dict) -> Iterator[Located]:
     hub_id = spec["hub"]
     try:
         dataset = datasets.load_dataset(
-            hub_id, spec.get("subset"), split=spec.get("split", "train"), streaming=True
+            hub_id,
+            spec.get("subset"),
+            data_dir=spec.get("data_dir"),
+            split=spec.get("split", "train"),
+            streaming=True,
         )
         for i, record in enumerate(dataset):
             yield dict(record), f"hub:{hub_id}[{i}]"

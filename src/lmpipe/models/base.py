@@ -31,6 +31,9 @@ class TokenScores:
 class LM(nn.Module):
     arch: ClassVar[str]
     exact_likelihood: ClassVar[bool]
+    # SFT: pad after a response with EOS (with loss) so the model learns where to stop
+    # (LLaDA); the data samplers read this flag.
+    pads_with_eos: ClassVar[bool] = False
 
     def __init__(self, config: TransformerConfig, special_ids: dict[str, int] | None = None):
         super().__init__()

@@ -22,20 +22,29 @@ class Objective:
 
     ``loss`` returns the scalar to minimise and a dict of metrics (tensors or floats,
     names without a split prefix: the Trainer logs them as ``train/<name>`` and, during
-    evaluation, ``val/<name>``). A ``num_tokens`` entry, when present, weights the metric
+    evaluation, ``val/<name>``). A ``weight`` entry, when present, weights the metric
     averages across micro-batches and evaluation batches.
     """
 
     name: ClassVar[str]
     supported_archs: ClassVar[frozenset[str]] = ALL_ARCHS
+    data_formats: ClassVar[frozenset[str]] = frozenset({"text", "chat", "prompt"})
     reports_perplexity: ClassVar[bool] = False  # log exp(loss) as <split>/perplexity
 
-    @classmethod
-    def check_arch(cls, arch: str) -> None:
-        if arch not in cls.supported_archs:
+    def check_arch(self, lm_class: type[LM]) -> None:
+        """Refuse, at config time, an architecture this objective cannot train."""
+        if lm_class.arch not in self.supported_archs:
             raise ConfigError(
-                f"stage objective '{cls.name}' does not support arch={arch} "
-                f"(supported: {', '.join(sorted(cls.supported_archs))})"
+                f"stage objective '{self.name}' does not support arch={lm_class.arch} "
+                f"(supported: {', '.join(sorted(self.supported_archs))})"
+            )
+
+    @classmethod
+    def check_format(cls, fmt: str, data_name: str) -> None:
+        if fmt not in cls.data_formats:
+            raise ConfigError(
+                f"stage objective '{cls.name}' trains on {' or '.join(sorted(cls.data_formats))} "
+                f"data, but data={data_name} is {fmt} data"
             )
 
     def setup(self, trainer: Trainer) -> None:

@@ -26,5 +26,5 @@ class CrossEntropy(Objective):
         return loss, {
             "loss": loss.detach(),
             "accuracy": accuracy.detach(),
-            "num_tokens": num_tokens,
+            "weight": num_tokens,
         }

@@ -7,6 +7,14 @@ import time
 from pathlib import Path
 
 
+def read_metrics(run_dir: Path) -> list[dict]:
+    """Every line of a run's metrics.jsonl (empty when there is none yet)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
 class JsonlSink:
     def __init__(self, path: Path):
         self._fh = path.open("a", encoding="utf-8")

@@ -3,7 +3,7 @@
     checkpoints/step_000500/
       model.safetensors   weights only
       trainer_state.pt    optimizer, scaler, step (= sampler position); weights_only-loadable
-      tokenizer.json
+      tokenizer.json      the tokenizer, with tokenizer_config.json (chat template)
       meta.json           written last: step, architecture, configs, hashes, file checksums
 
 Everything is written into a hidden temporary sibling, fsynced and renamed into place, so a
@@ -32,7 +32,7 @@ from lmpipe.errors import CheckpointError
 from lmpipe.models import LM, build_from_config_dict
 from lmpipe.rundir import CHECKPOINT_DIR
 
-FILES = ("model.safetensors", "trainer_state.pt", "tokenizer.json")
+FILES = ("model.safetensors", "trainer_state.pt", "tokenizer.json", "tokenizer_config.json")
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
@@ -67,7 +67,7 @@ def save_checkpoint(
     try:
         save_model(model, str(tmp / "model.safetensors"))
         torch.save(trainer_state, tmp / "trainer_state.pt")
-        tokenizer.save(tmp / "tokenizer.json")
+        tokenizer.save(tmp)
         files = {
             name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
             for name in FILES
@@ -119,7 +119,7 @@ class Checkpoint:
             raise CheckpointError(f"{self.path}/trainer_state.pt cannot be read ({exc})") from None
 
     def tokenizer(self) -> Tokenizer:
-        return Tokenizer.from_file(self.path / "tokenizer.json")
+        return Tokenizer.load(self.path)
 
 
 def load_checkpoint(path: str | Path, verify: bool = True) -> Checkpoint:

@@ -18,15 +18,16 @@ from omegaconf import DictConfig, OmegaConf
 from lmpipe import __version__
 from lmpipe.config import resume_mode, validate
 from lmpipe.data.prepare import PreparedData, prepare
-from lmpipe.data.samplers import WindowSampler, eval_windows
 from lmpipe.errors import CheckpointError, ConfigError
 from lmpipe.models import LM, build_from_config_dict, build_lm, lm_class
 from lmpipe.seeding import derive_seed
 from lmpipe.tracking import build_logger
+from lmpipe.tracking.jsonl import read_metrics
 from lmpipe.training.checkpoint import (
     Checkpoint,
     latest_checkpoint,
     list_checkpoints,
+    load_checkpoint,
     resolve_checkpoint,
 )
 from lmpipe.training.distributed import (
@@ -39,6 +40,7 @@ from lmpipe.training.distributed import (
     wrap_model,
 )
 from lmpipe.training.hardware import Hardware, resolve_hardware
+from lmpipe.training.inputs import FORGETTING_SET, build_inputs, forgetting_set
 from lmpipe.training.optim import build_optimizer
 from lmpipe.training.schedule import build_schedule
 from lmpipe.training.trainer import Trainer, TrainerConfig
@@ -63,8 +65,9 @@ def _say(env: DistEnv, text: str) -> None:
 
 def _train(cfg: DictConfig, run_dir: Path, hardware: Hardware, env: DistEnv) -> Path:
     objective = instantiate(cfg.objective)
-    arch = lm_class(cfg.arch._target_).arch
-    objective.check_arch(arch)
+    model_class = lm_class(cfg.arch._target_)
+    objective.check_arch(model_class)
+    arch = model_class.arch
     tcfg = TrainerConfig.from_dict(OmegaConf.to_container(cfg.trainer, resolve=True))
     if tcfg.batch_size % env.world_size:
         raise ConfigError(
@@ -75,9 +78,18 @@ def _train(cfg: DictConfig, run_dir: Path, hardware: Hardware, env: DistEnv) -> 
     init_from = None
     if resume_from is None and cfg.init_from:
         init_from = resolve_checkpoint(cfg.init_from, log=lambda m: _say(env, m))
+    elif resume_from is None and cfg.stage.requires_init:
+        raise ConfigError(
+            f"stage={cfg.stage.name} starts from an earlier stage: pass "
+            "init_from=<checkpoint or run dir>"
+        )
     source = resume_from or init_from
+    if resume_from is not None and resume_from.meta.get("init_checkpoint"):
+        # The stage's starting weights stay its reference when it resumes (DPO).
+        init_from = load_checkpoint(resume_from.meta["init_checkpoint"])
 
     data = _prepare_data(cfg, source, env)
+    objective.check_format(data.manifest["format"], cfg.data.name)
     model = _build_model(cfg, data, source, arch)
     if tcfg.block_size > model.config.block_size:
         raise ConfigError(
@@ -95,23 +107,19 @@ def _train(cfg: DictConfig, run_dir: Path, hardware: Hardware, env: DistEnv) -> 
         OmegaConf.to_container(cfg.schedule), float(cfg.optim.lr), tcfg.max_steps
     )
 
-    row_length = model.row_length(tcfg.block_size)
-    rows_per_rank = tcfg.batch_size // env.world_size
-    train_sampler = WindowSampler(
-        data.split("train"), row_length, rows_per_rank, cfg.seed, env.rank
+    micro = hardware.micro_batch_size or tcfg.batch_size // env.world_size
+    inputs = build_inputs(
+        OmegaConf.to_container(cfg.sampler), data, model, tcfg, micro, cfg.seed, env
     )
-    micro = hardware.micro_batch_size or rows_per_rank
-    val_batches = []
-    if tcfg.eval_batches:
-        val_batches = eval_windows(
-            data.split("val"),
-            row_length,
-            tcfg.block_size,
-            micro,
-            tcfg.eval_batches,
-            env.rank,
-            env.world_size,
-        )
+    earlier_data = None
+    if cfg.stage.forgetting_eval and source is not None and tcfg.eval_batches:
+        # Mid-training: the earlier stage's own validation data shows what is forgotten.
+        earlier_data = source.meta.get("forgetting_data_dir") or source.meta.get("data_dir")
+        forgetting = forgetting_set(earlier_data, model, tcfg, micro, env, data.tokenizer.hash)
+        if isinstance(forgetting, str):
+            _say(env, f"forgetting check skipped: {forgetting}")
+        else:
+            inputs.val_sets[FORGETTING_SET] = forgetting
 
     # Inputs are good: from here on the run directory gets files.
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -130,6 +138,8 @@ def _train(cfg: DictConfig, run_dir: Path, hardware: Hardware, env: DistEnv) -> 
         "tokenizer_hash": data.tokenizer.hash,
         "data_manifest_hash": data.manifest_hash,
         "data_dir": str(data.directory),
+        "forgetting_data_dir": earlier_data,
+        "init_checkpoint": str(init_from.path) if init_from is not None else None,
         "lmpipe_version": __version__,
     }
     trainer = Trainer(
@@ -139,8 +149,8 @@ def _train(cfg: DictConfig, run_dir: Path, hardware: Hardware, env: DistEnv) -> 
         objective=objective,
         optimizer=optimizer,
         schedule=schedule,
-        train_batches=train_sampler.batch,
-        val_batches=val_batches,
+        sampler=inputs.sampler,
+        val_sets=inputs.val_sets,
         hardware=hardware,
         env=env,
         logger=logger,
@@ -148,6 +158,7 @@ def _train(cfg: DictConfig, run_dir: Path, hardware: Hardware, env: DistEnv) -> 
         tokenizer=data.tokenizer,
         checkpoint_meta=lambda: static_meta,
         seed=cfg.seed,
+        init_checkpoint=init_from,
     )
     if resume_from is not None:
         trainer.load_state_dict(resume_from.trainer_state())
@@ -156,7 +167,7 @@ def _train(cfg: DictConfig, run_dir: Path, hardware: Hardware, env: DistEnv) -> 
         origin = f"resuming from {resume_from.path} (step {resume_from.step})"
     else:
         origin = f"weights from {source.path}" if source is not None else "fresh weights"
-    _say(env, _plan(cfg, trainer, data, static_meta["model_name"], origin))
+    _say(env, _plan(cfg, trainer, data, static_meta["model_name"], origin, inputs.description))
     if trainer.step >= tcfg.max_steps:
         _say(
             env, f"run already complete at step {trainer.step} (trainer.max_steps={tcfg.max_steps})"
@@ -164,8 +175,20 @@ def _train(cfg: DictConfig, run_dir: Path, hardware: Hardware, env: DistEnv) -> 
         logger.close()
         return run_dir
     trainer.fit()
+    if FORGETTING_SET in inputs.val_sets:
+        _say(env, forgetting_report(run_dir))
     _say(env, f"done: {run_dir} (final checkpoint step_{trainer.step:06d})")
     return run_dir
+
+
+def forgetting_report(run_dir: Path) -> str:
+    """The earlier stage's validation loss at the start and the end of this run."""
+    key = f"{FORGETTING_SET}/loss"
+    values = [m[key] for m in read_metrics(run_dir) if key in m]
+    return (
+        f"forgetting: {key} {values[0]:.4f} at the start -> {values[-1]:.4f} at the end "
+        f"({values[-1] - values[0]:+.4f})"
+    )
 
 
 def _resume_checkpoint(cfg: DictConfig, run_dir: Path, env: DistEnv) -> Checkpoint | None:
@@ -221,11 +244,16 @@ def _build_model(cfg: DictConfig, data: PreparedData, source: Checkpoint | None,
 
 
 def _plan(
-    cfg: DictConfig, trainer: Trainer, data: PreparedData, model_name: str, origin: str
+    cfg: DictConfig,
+    trainer: Trainer,
+    data: PreparedData,
+    model_name: str,
+    origin: str,
+    sampling: str,
 ) -> str:
     """What is about to happen, in a few lines, before the first step."""
     tcfg, hw, env = trainer.config, trainer.hardware, trainer.env
-    micro_batches = math.ceil(tcfg.batch_size // env.world_size / trainer.micro_batch_rows)
+    micro_batches = math.ceil(tcfg.batch_size // env.world_size / trainer.micro_batch_examples)
     tokens = data.manifest["splits"]["train"]["tokens"]
     return "\n".join(
         [
@@ -234,6 +262,7 @@ def _plan(
             f"  run dir    {trainer.run_dir}",
             f"  model      {trainer.model.backbone.num_params() / 1e6:.2f}M params, {origin}",
             f"  data       {data.directory} ({tokens:,} train tokens, vocab {data.tokenizer.vocab_size})",
+            f"  sampling   {sampling}",
             f"  batch      {tcfg.batch_size} x {tcfg.block_size} tokens/step on {env.world_size} rank(s), "
             f"{micro_batches} micro-batch(es) each; {tcfg.max_steps} steps",
             f"  optimizer  {cfg.optim.name} lr {cfg.optim.lr:g}; {trainer.schedule.describe()}",

@@ -7,22 +7,30 @@ autocast, clipping, optimizer step. Eval, logging and checkpoints happen between
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from torch import Tensor, nn
 
 from lmpipe.batch import Batch
 from lmpipe.data.tokenizer import Tokenizer
+from lmpipe.errors import CheckpointError
 from lmpipe.models import LM
 from lmpipe.objectives import Objective
 from lmpipe.seeding import derive_seed
 from lmpipe.tracking import MetricLogger
-from lmpipe.training.checkpoint import checkpoint_dir, prune_checkpoints, save_checkpoint
+from lmpipe.training.checkpoint import (
+    Checkpoint,
+    checkpoint_dir,
+    prune_checkpoints,
+    save_checkpoint,
+)
 from lmpipe.training.distributed import DistEnv, all_reduce_sum, barrier, no_sync
 from lmpipe.training.hardware import Hardware
 from lmpipe.training.schedule import LRSchedule
@@ -46,24 +54,30 @@ class TrainerConfig:
         return cls(**{k: values[k] for k in cls.__dataclass_fields__ if k in values})
 
 
+class Sampler(Protocol):
+    def batch(self, step: int) -> Batch: ...
+    def position(self, step: int) -> dict: ...
+
+
 class MetricAverager:
-    """Running means of metrics, weighted by ``num_tokens`` when given (which is summed)."""
+    """Running means of metrics, weighted by their ``weight`` entry when given (tokens for a
+    token-level loss, pairs for DPO); the total weight is kept as ``weight``."""
 
     def __init__(self):
         self.totals: dict[str, float] = {}
         self.weights: dict[str, float] = {}
 
     def add(self, metrics: dict[str, Tensor | float]) -> None:
-        weight = float(metrics.get("num_tokens", 1.0))
+        weight = float(metrics.get("weight", 1.0))
         for key, value in metrics.items():
-            summed = key == "num_tokens"
+            summed = key == "weight"
             self.totals[key] = self.totals.get(key, 0.0) + float(value) * (
                 1.0 if summed else weight
             )
             self.weights[key] = self.weights.get(key, 0.0) + (0.0 if summed else weight)
 
     def result(self, env: DistEnv, device: torch.device) -> dict[str, float]:
-        """Means over all micro-batches of all ranks (``num_tokens``: the total)."""
+        """Means over all micro-batches of all ranks (``weight``: the total)."""
         keys = sorted(self.totals)
         packed = torch.tensor(
             [[self.totals[k], self.weights[k]] for k in keys], dtype=torch.float64
@@ -71,7 +85,7 @@ class MetricAverager:
         if env.enabled:
             packed = all_reduce_sum(packed.to(device), env).cpu()
         return {
-            k: total if k == "num_tokens" else total / max(weight, 1e-12)
+            k: total if k == "weight" else total / max(weight, 1e-12)
             for k, (total, weight) in zip(keys, packed.tolist(), strict=True)
         }
 
@@ -86,8 +100,8 @@ class Trainer:
         objective: Objective,
         optimizer: torch.optim.Optimizer,
         schedule: LRSchedule,
-        train_batches: Callable[[int], Batch],
-        val_batches: list[Batch],
+        sampler: Sampler,
+        val_sets: dict[str, list[Batch]],
         hardware: Hardware,
         env: DistEnv,
         logger: MetricLogger,
@@ -95,6 +109,7 @@ class Trainer:
         tokenizer: Tokenizer,
         checkpoint_meta: Callable[[], dict],
         seed: int,
+        init_checkpoint: Checkpoint | None = None,
     ):
         self.config = config
         self.model = model  # the bare LM (checkpoints, generation)
@@ -102,8 +117,8 @@ class Trainer:
         self.objective = objective
         self.optimizer = optimizer
         self.schedule = schedule
-        self.train_batches = train_batches
-        self.val_batches = val_batches
+        self.sampler = sampler
+        self.val_sets = val_sets  # "val" and maybe others, e.g. the pretraining val split
         self.hardware = hardware
         self.env = env
         self.logger = logger
@@ -111,6 +126,7 @@ class Trainer:
         self.tokenizer = tokenizer
         self.checkpoint_meta = checkpoint_meta
         self.seed = seed
+        self.init_checkpoint = init_checkpoint  # the stage's starting weights (DPO reference)
         self.scaler = hardware.grad_scaler()
         self.step = 0
         self.tokens_seen = 0
@@ -120,7 +136,9 @@ class Trainer:
     # --- state --------------------------------------------------------------------
     def state_dict(self) -> dict:
         return {
-            "step": self.step,  # also the sampler position: batches are a function of it
+            "step": self.step,
+            # Batches are a function of the step; the position is saved to be checked.
+            "sampler": self.sampler.position(self.step),
             "tokens_seen": self.tokens_seen,
             "best_val_loss": self.best_val_loss,
             "optimizer": self.optimizer.state_dict(),
@@ -129,6 +147,12 @@ class Trainer:
 
     def load_state_dict(self, state: dict) -> None:
         self.step = int(state["step"])
+        if state["sampler"] != self.sampler.position(self.step):
+            raise CheckpointError(
+                f"the training data no longer matches the checkpoint: it was at "
+                f"{state['sampler']}, the data now puts step {self.step} at "
+                f"{self.sampler.position(self.step)}"
+            )
         self.tokens_seen = int(state["tokens_seen"])
         self.best_val_loss = float(state["best_val_loss"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -139,7 +163,8 @@ class Trainer:
     def fit(self) -> None:
         cfg = self.config
         self.objective.setup(self)
-        if self.step == 0 and cfg.eval_at_start and self.val_batches:
+        self._trim_episode_log()
+        if self.step == 0 and cfg.eval_at_start and self.val_sets:
             self.evaluate()
         train_time, interval_tokens = 0.0, 0
         self.logger.progress(self.step, cfg.max_steps)
@@ -151,10 +176,13 @@ class Trainer:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             started = time.perf_counter()
-            batch = self.train_batches(self.step)
+            batch = self.sampler.batch(self.step)
             metrics = self.train_step(batch)
-            step_tokens = cfg.batch_size * cfg.block_size
+            step_tokens = self.env.world_size * (
+                batch.real_tokens if batch.real_tokens is not None else len(batch) * cfg.block_size
+            )
             self.step += 1
+            self._log_episodes(batch)
             self.tokens_seen += step_tokens
             interval_tokens += step_tokens
             train_time += time.perf_counter() - started
@@ -163,9 +191,7 @@ class Trainer:
             if self.step % cfg.log_interval == 0 or self.step == cfg.max_steps:
                 self._log_train(metrics, lr, interval_tokens / max(train_time, 1e-9))
                 train_time, interval_tokens = 0.0, 0
-            if self.val_batches and (
-                self.step % cfg.eval_interval == 0 or self.step == cfg.max_steps
-            ):
+            if self.val_sets and (self.step % cfg.eval_interval == 0 or self.step == cfg.max_steps):
                 self.evaluate()
             if self.step % cfg.save_interval == 0 or self.step == cfg.max_steps:
                 self.save()
@@ -175,10 +201,10 @@ class Trainer:
         """One optimizer step per update batch the objective prepares; returns metrics."""
         self.train_model.train()
         averager = MetricAverager()
-        rows = self.micro_batch_rows
+        examples = self.micro_batch_examples
         grad_norm = torch.zeros(())
         for update in self.objective.prepare(self.train_model, batch):
-            micro_batches = update.split(rows)
+            micro_batches = update.split(examples)
             for i, micro in enumerate(micro_batches):
                 micro = micro.to(self.hardware.device)
                 last = i == len(micro_batches) - 1
@@ -196,14 +222,57 @@ class Trainer:
         return averager.result(self.env, self.hardware.device)
 
     @property
-    def micro_batch_rows(self) -> int:
+    def micro_batch_examples(self) -> int:
         per_rank = self.config.batch_size // self.env.world_size
         return self.hardware.micro_batch_size or per_rank
 
+    @torch.no_grad()
+    def attach_reference_logps(self, reference: nn.Module, score: Callable) -> None:
+        """Score every training example and held-out batch once with a frozen model
+        (``score(model, batch) -> (rows,)``); batches then carry it as ``ref_logps``."""
+        reference.eval()
+
+        def rows(batch: Batch) -> Tensor:
+            with self.hardware.autocast():
+                return score(reference, batch.to(self.hardware.device)).float().cpu()
+
+        self.sampler.attach_reference(rows, self.micro_batch_examples)
+        for batches in self.val_sets.values():
+            for batch in batches:
+                batch.ref_logps = rows(batch)
+
+    # --- the episode log ----------------------------------------------------------
+    @property
+    def episode_log(self) -> Path:
+        return self.run_dir / "episodes.jsonl"
+
+    def _log_episodes(self, batch: Batch) -> None:
+        """Which episodes trained at which step (episode-indexed samplers only)."""
+        if batch.episode_ids is None or not self.env.is_main:
+            return
+        with self.episode_log.open("a") as fh:
+            fh.write(json.dumps({"step": self.step, "episodes": batch.episode_ids}) + "\n")
+
+    def _trim_episode_log(self) -> None:
+        """On resume, drop the lines of steps after the checkpoint (a killed run may have
+        written them), so the log continues without a gap or a repeat."""
+        if not self.env.is_main or not self.episode_log.exists():
+            return
+        lines = self.episode_log.read_text().splitlines(keepends=True)
+        kept = [line for line in lines if json.loads(line)["step"] <= self.step]
+        if len(kept) != len(lines):
+            self.episode_log.write_text("".join(kept))
+
     # --- reporting ----------------------------------------------------------------
     def _named(self, split: str, metrics: dict[str, float]) -> dict[str, float]:
+        """``loss`` -> ``train/loss`` / ``val/loss``; a name with its own namespace, e.g.
+        ``rewards/margin``, stays as it is in training and becomes ``val/rewards/margin``."""
         order = sorted(metrics, key=lambda k: (k != "loss", k))  # loss first on the console
-        named = {f"{split}/{k}": metrics[k] for k in order if k != "num_tokens"}
+        named = {
+            k if split == "train" and "/" in k else f"{split}/{k}": metrics[k]
+            for k in order
+            if k != "weight"
+        }
         if self.objective.reports_perplexity and "loss" in metrics:
             named[f"{split}/perplexity"] = math.exp(min(metrics["loss"], 50.0))
         return named
@@ -222,16 +291,19 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Objective metrics on the held-out batches, token-weighted, as ``val/*``."""
+        """Objective metrics on each held-out set, token-weighted, as ``<set>/*``
+        (``val/*``, and e.g. ``pretrain_val/*`` for a forgetting check)."""
         self.train_model.eval()
-        torch.manual_seed(derive_seed(self.seed, "eval"))  # same noise at every eval (diffusion)
-        averager = MetricAverager()
-        for batch in self.val_batches:
-            with self.hardware.autocast():
-                _, metrics = self.objective.loss(self.model, batch.to(self.hardware.device))
-            averager.add(metrics)
+        named: dict[str, float] = {}
+        for name, batches in self.val_sets.items():
+            torch.manual_seed(derive_seed(self.seed, "eval"))  # the same noise at every eval
+            averager = MetricAverager()
+            for batch in batches:
+                with self.hardware.autocast():
+                    _, metrics = self.objective.loss(self.model, batch.to(self.hardware.device))
+                averager.add(metrics)
+            named.update(self._named(name, averager.result(self.env, self.hardware.device)))
         self.train_model.train()
-        named = self._named("val", averager.result(self.env, self.hardware.device))
         if "val/loss" in named:
             self.best_val_loss = min(self.best_val_loss, named["val/loss"])
         self.last_val = named

@@ -1,0 +1,158 @@
+"""Direct Preference Optimization (Rafailov et al. 2023) and its variants.
+
+A batch holds pairs as consecutive rows (chosen, rejected). A sequence's log-probability
+is -sum(token_nll) over its response tokens (the loss mask), through the LM seam only, so
+for a diffusion LM it is the ELBO; policy and reference then see the same noise (a shared
+``generator`` seed per sample), averaged over ``mc_samples`` draws: LLaDA 1.5's VRPO.
+
+With h = (log pi(c) - log pi(r)) - (log ref(c) - log ref(r)) and beta:
+
+- ``sigmoid``: -log sigmoid(beta h), with ``label_smoothing`` eps the conservative cDPO
+  loss -(1-eps) log sigmoid(beta h) - eps log sigmoid(-beta h) (Mitchell 2023);
+- ``robust``: the unbiased noisy-label loss of Chowdhury et al. 2024,
+  (-(1-eps) log sigmoid(beta h) + eps log sigmoid(-beta h)) / (1 - 2 eps);
+- ``hinge``: max(0, 1 - beta h) (SLiC, Zhao et al. 2023);
+- ``ipo``: (h - 1/(2 beta))^2 (Azar et al. 2023).
+
+The reference is the stage's starting checkpoint, frozen; with ``precompute_ref`` its
+log-probs are computed once before training (``Reference``), so only the policy sits in
+memory while training.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from lmpipe.batch import Batch
+from lmpipe.errors import ConfigError
+from lmpipe.objectives.base import Objective
+
+if TYPE_CHECKING:
+    from lmpipe.models import LM
+    from lmpipe.training.trainer import Trainer
+
+LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo")
+
+
+def sequence_logps(model, batch: Batch, generator: torch.Generator | None = None) -> Tensor:
+    """(rows,) log-probability (or ELBO) of each row's loss-mask tokens. ``model(batch)``
+    rather than ``model.token_nll`` so that a DDP-wrapped model works too."""
+    return -model(batch, generator=generator).nll.sum(dim=-1)
+
+
+def preference_loss(
+    policy_chosen: Tensor,
+    policy_rejected: Tensor,
+    ref_chosen: Tensor,
+    ref_rejected: Tensor,
+    *,
+    beta: float,
+    loss_type: str,
+    label_smoothing: float = 0.0,
+) -> Tensor:
+    """Per-pair loss for sequence log-probs of the policy and the reference."""
+    h = (policy_chosen - policy_rejected) - (ref_chosen - ref_rejected)
+    eps = label_smoothing
+    if loss_type == "sigmoid":
+        return -(1 - eps) * F.logsigmoid(beta * h) - eps * F.logsigmoid(-beta * h)
+    if loss_type == "robust":
+        return (-(1 - eps) * F.logsigmoid(beta * h) + eps * F.logsigmoid(-beta * h)) / (1 - 2 * eps)
+    if loss_type == "hinge":
+        return torch.relu(1 - beta * h)
+    if loss_type == "ipo":
+        return (h - 1 / (2 * beta)) ** 2
+    raise ConfigError(f"objective.loss_type={loss_type!r} is not one of {', '.join(LOSS_TYPES)}")
+
+
+class DPO(Objective):
+    name = "dpo"
+    data_formats: ClassVar[frozenset[str]] = frozenset({"preference"})
+
+    def __init__(
+        self,
+        beta: float,
+        loss_type: str,
+        label_smoothing: float,
+        precompute_ref: bool,
+        mc_samples: int,
+    ):
+        if loss_type not in LOSS_TYPES:
+            raise ConfigError(
+                f"objective.loss_type={loss_type!r} is not one of {', '.join(LOSS_TYPES)}"
+            )
+        if not beta > 0:
+            raise ConfigError(f"objective.beta={beta!r} must be > 0")
+        if not 0 <= label_smoothing < 0.5:
+            raise ConfigError(f"objective.label_smoothing={label_smoothing!r} must be in [0, 0.5)")
+        if not isinstance(mc_samples, int) or mc_samples < 1:
+            raise ConfigError(f"objective.mc_samples={mc_samples!r} must be an integer >= 1")
+        self.beta = beta
+        self.loss_type = loss_type
+        self.label_smoothing = label_smoothing
+        self.precompute_ref = precompute_ref
+        self.mc_samples = mc_samples
+        self.reference: LM | None = None
+
+    def check_arch(self, lm_class) -> None:
+        super().check_arch(lm_class)
+        if self.precompute_ref and not lm_class.exact_likelihood:
+            raise ConfigError(
+                f"objective.precompute_ref=true needs an exact likelihood; arch={lm_class.arch} "
+                "scores with a bound whose noise policy and reference must share, so it uses a "
+                "live reference (precompute_ref=false)"
+            )
+
+    def setup(self, trainer: Trainer) -> None:
+        if trainer.init_checkpoint is None:
+            raise ConfigError("stage objective 'dpo' needs init_from (the reference model)")
+        reference = trainer.init_checkpoint.build_model().to(trainer.hardware.device)
+        reference.requires_grad_(False)
+        if self.precompute_ref:
+            trainer.attach_reference_logps(reference, sequence_logps)
+        else:
+            self.reference = reference
+
+    def loss(self, model, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
+        policy, ref = 0.0, 0.0
+        for _ in range(self.mc_samples):
+            # One seed per Monte-Carlo sample, from the step's RNG: the same noise for the
+            # policy and the reference (no effect on an exact-likelihood model).
+            seed = int(torch.randint(0, 2**62, ()))
+            policy = policy + sequence_logps(model, batch, _generator(seed, batch))
+            if batch.ref_logps is None:
+                with torch.no_grad():
+                    ref = ref + sequence_logps(self.reference, batch, _generator(seed, batch))
+        policy = policy / self.mc_samples
+        ref = batch.ref_logps if batch.ref_logps is not None else ref / self.mc_samples
+        policy_c, policy_r = policy[0::2], policy[1::2]
+        ref_c, ref_r = ref[0::2].to(policy.dtype), ref[1::2].to(policy.dtype)
+        losses = preference_loss(
+            policy_c,
+            policy_r,
+            ref_c,
+            ref_r,
+            beta=self.beta,
+            loss_type=self.loss_type,
+            label_smoothing=self.label_smoothing,
+        )
+        chosen = self.beta * (policy_c - ref_c).detach()
+        rejected = self.beta * (policy_r - ref_r).detach()
+        loss = losses.mean()
+        return loss, {
+            "loss": loss.detach(),
+            "rewards/chosen": chosen.mean(),
+            "rewards/rejected": rejected.mean(),
+            "rewards/accuracy": (chosen > rejected).float().mean(),
+            "rewards/margin": (chosen - rejected).mean(),
+            "logps/chosen": policy_c.detach().mean(),
+            "logps/rejected": policy_r.detach().mean(),
+            "weight": torch.tensor(float(len(losses))),
+        }
+
+
+def _generator(seed: int, batch: Batch) -> torch.Generator:
+    return torch.Generator(batch.input_ids.device).manual_seed(seed)

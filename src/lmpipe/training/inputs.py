@@ -1,0 +1,135 @@
+"""What a run trains and evaluates on: the sampler of training batches and the held-out sets.
+
+The ``sampler`` config of the stage picks the kind: ``windows`` (pretraining: fixed-length
+windows of the token stream) or ``episodes`` (SFT / DPO: whole conversations or pairs,
+epoch by epoch). Held-out sets use the same layout as training, unshuffled.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from lmpipe.batch import Batch
+from lmpipe.data.prepare import PreparedData
+from lmpipe.data.samplers import (
+    EpisodeOptions,
+    Episodes,
+    EpisodeSampler,
+    WindowSampler,
+    eval_episodes,
+    eval_windows,
+)
+from lmpipe.errors import ConfigError, DataError
+from lmpipe.models import LM
+from lmpipe.training.distributed import DistEnv
+from lmpipe.training.trainer import Sampler, TrainerConfig
+
+SAMPLER_KINDS = ("windows", "episodes")
+FORGETTING_SET = "pretrain_val"  # metrics prefix of the earlier stage's validation data
+
+
+@dataclass
+class Inputs:
+    sampler: Sampler
+    val_sets: dict[str, list[Batch]]
+    description: str  # one line for the run's plan printout
+
+
+def build_inputs(
+    sampler_cfg: dict,
+    data: PreparedData,
+    model: LM,
+    tcfg: TrainerConfig,
+    micro_examples: int,
+    seed: int,
+    env: DistEnv,
+) -> Inputs:
+    kind = sampler_cfg.get("kind")
+    if kind not in SAMPLER_KINDS:
+        raise ConfigError(f"sampler.kind={kind!r} is not one of {', '.join(SAMPLER_KINDS)}")
+    row_length = model.row_length(tcfg.block_size)
+    rows_per_rank = tcfg.batch_size // env.world_size
+    if kind == "windows":
+        if data.manifest["documents_per_record"] != 1:
+            raise ConfigError(
+                f"sampler.kind=windows cannot read {data.manifest['format']} data "
+                f"(data={data.manifest['name']}); use a stage with an episode sampler"
+            )
+        sampler = WindowSampler(data.split("train"), row_length, rows_per_rank, seed, env.rank)
+        val = _window_val(data, row_length, tcfg, micro_examples, env)
+        return Inputs(sampler, {"val": val} if val else {}, "random windows of the token stream")
+
+    options = EpisodeOptions.from_dict(sampler_cfg)
+    docs = data.manifest["documents_per_record"]
+    pad_id = data.tokenizer.pad_id
+    eos_id = data.tokenizer.eos_id if model.pads_with_eos else None
+    train = Episodes(data.split("train"), docs, row_length, options.episode_min_tokens)
+    sampler = EpisodeSampler(
+        train,
+        tcfg.batch_size,
+        options,
+        pad_id=pad_id,
+        eos_id=eos_id,
+        rank=env.rank,
+        world_size=env.world_size,
+    )
+    val_sets = {}
+    if tcfg.eval_batches:
+        held_out = Episodes(data.split("val"), docs, row_length, options.episode_min_tokens)
+        if len(held_out.kept):
+            val_sets["val"] = eval_episodes(
+                held_out,
+                micro_examples,
+                tcfg.eval_batches,
+                pad_id=pad_id,
+                eos_id=eos_id,
+                rank=env.rank,
+                world_size=env.world_size,
+            )
+    dropped = ", ".join(f"{k} {v}" for k, v in sorted(train.dropped.items())) or "none"
+    layout = "packed" if options.packing else "padded"
+    description = (
+        f"{len(train.kept):,} episodes ({layout}, {sampler.steps_in_epoch(0):,} steps per "
+        f"epoch; dropped: {dropped})"
+    )
+    return Inputs(sampler, val_sets, description)
+
+
+def _window_val(
+    data: PreparedData, row_length: int, tcfg: TrainerConfig, micro_examples: int, env: DistEnv
+) -> list[Batch]:
+    if not tcfg.eval_batches:
+        return []
+    return eval_windows(
+        data.split("val"),
+        row_length,
+        tcfg.block_size,
+        micro_examples,
+        tcfg.eval_batches,
+        env.rank,
+        env.world_size,
+    )
+
+
+def forgetting_set(
+    data_dir: str | None,
+    model: LM,
+    tcfg: TrainerConfig,
+    micro_examples: int,
+    env: DistEnv,
+    tokenizer_hash: str,
+) -> list[Batch] | str:
+    """The validation windows of the data an earlier stage trained on (its checkpoint's
+    ``data_dir``), to show forgetting; or why they are not available."""
+    if not data_dir or not (Path(data_dir) / "manifest.json").is_file():
+        return f"the earlier stage's data ({data_dir}) is no longer in the cache"
+    earlier = PreparedData.open(data_dir)
+    if earlier.tokenizer.hash != tokenizer_hash:
+        return f"the earlier stage's data ({data_dir}) uses another tokenizer"
+    if earlier.manifest["documents_per_record"] != 1:
+        return f"the earlier stage's data ({data_dir}) is {earlier.manifest['format']} data"
+    try:
+        return _window_val(earlier, model.row_length(tcfg.block_size), tcfg, micro_examples, env)
+    except DataError as exc:
+        return str(exc)
