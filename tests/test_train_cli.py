@@ -246,13 +246,13 @@ def test_multirun_sweep_runs_each_job_in_its_own_directory(lmpipe, tmp_path):
 def test_help_lists_groups_and_cfg_prints_the_composed_config(lmpipe):
     help_text = lmpipe("train", "--help").stdout
     for group in (
-        "stage: pretrain",
-        "arch: ar",
+        "stage: dpo, midtrain, pretrain, sft",
+        "arch: ar, diffusion",
         "model:",
         "nanogpt-shakespeare",
         "hardware: auto, cpu",
         "logger: console, tensorboard, wandb",
-        "data: demo",
+        "demo, demo_chat, demo_mid, demo_pref, demo_prompts",
     ):
         assert group in help_text
     cfg = lmpipe("train", "--cfg", "job", "model=small").stdout
