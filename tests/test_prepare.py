@@ -1,4 +1,5 @@
 import json
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -176,3 +177,167 @@ def test_other_file_types_and_the_datasets_loader(tmp_path):
         data = prepare(cfg, tmp_path / "cache", progress=False)
         got = [json.loads(line)["text"] for line in (data.directory / "mixed_train.jsonl").open()]
         assert got == texts, source
+
+
+# --- shipped mixtures on the real datasets in ../shared/data ---------------------------
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+def shipped(name: str, **changes) -> dict:
+    """conf/data/<name>.yaml as train would resolve it (LMPIPE_DATA_DIR or ../shared/data)."""
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.to_container(OmegaConf.load(CONF / "data" / f"{name}.yaml"), resolve=True)
+    cfg.update(changes)
+    return cfg
+
+
+def records(data, split: str) -> list[dict]:
+    return [json.loads(line) for line in (data.directory / f"mixed_{split}.jsonl").open()]
+
+
+@pytest.fixture
+def shared_env(shared_data, monkeypatch):
+    monkeypatch.setenv("LMPIPE_DATA_DIR", str(shared_data))
+    return shared_data
+
+
+def test_gsm8k_as_chats_with_its_own_test_split(tmp_path, shared_env):
+    data = prepare(shipped("gsm8k_local"), tmp_path, progress=False)
+    train, val = records(data, "train"), records(data, "val")
+    assert (len(train), len(val)) == (7473, 1319)
+    assert train[0]["messages"][0]["role"] == "user"
+    test_file = shared_env / "gsm8k" / "test.jsonl"
+    expected = sorted(json.loads(line)["answer"] for line in test_file.open())
+    assert sorted(r["messages"][1]["content"] for r in val) == expected
+    shards = data.split("val")
+    assert shards.mask is not None and len(shards.doc_starts) == 1319
+    first = shards.tokens[: shards.doc_starts[1]].tolist()
+    mask = shards.mask[: shards.doc_starts[1]].tolist()
+    answer = data.tokenizer.decode([t for t, m in zip(first, mask, strict=True) if m])
+    assert answer == val[0]["messages"][1]["content"]
+
+
+def test_gsm8k_as_prompts_with_answers(tmp_path, shared_env):
+    data = prepare(shipped("gsm8k_prompts_local"), tmp_path, progress=False)
+    val = records(data, "val")
+    assert len(val) == 1319 and all("####" in r["answer"] for r in val)
+    assert all(r["prompt"][0]["role"] == "user" for r in val)
+
+
+def test_model_solutions_as_preference_pairs(tmp_path, shared_env):
+    data = prepare(shipped("gsm8k_pref_local"), tmp_path, progress=False)
+    (source,) = data.manifest["sources"]
+    assert source["records"] == 1163 and source["dropped"] == {"no_incorrect_solution": 156}
+    assert data.manifest["documents_per_record"] == 2
+    pairs = records(data, "train") + records(data, "val")
+    assert all(p["chosen"] != p["rejected"] for p in pairs)
+    assert len(data.split("train").doc_starts) == 2 * len(records(data, "train"))
+
+
+def test_alpaca_seed_tasks_as_chats(tmp_path, shared_env):
+    data = prepare(shipped("alpaca_seed_local"), tmp_path, progress=False)
+    chats = records(data, "train") + records(data, "val")
+    assert len(chats) == 175
+    assert all([m["role"] for m in c["messages"]] == ["user", "assistant"] for c in chats)
+
+
+def test_tiny_shakespeare_as_text(tmp_path, shared_env):
+    data = prepare(shipped("shakespeare_char"), tmp_path, progress=False)
+    assert data.manifest["format"] == "text" and data.tokenizer.vocab_size == 65 + 10
+
+
+def test_realised_ratios_match_the_configured_ones(tmp_path, shared_env):
+    """80% GSM8K, 20% Alpaca seed tasks (wrapping around): realised slots are within one
+    record of ratio x total, filters counted per source."""
+    data = prepare(shipped("shared_sft_local"), tmp_path, progress=False)
+    sources = {s["name"]: s for s in data.manifest["sources"]}
+    total = sum(s["slots"]["train"] for s in sources.values())
+    assert total == sum(s["records_per_split"]["train"] for s in sources.values())
+    for name, ratio in (("gsm8k", 0.8), ("alpaca_seed", 0.2)):
+        assert abs(sources[name]["slots"]["train"] - ratio * total) <= 1
+        assert sources[name]["realised_ratio"]["train"] == pytest.approx(ratio, abs=1 / total)
+    by_source = Counter(r["source"] for r in records(data, "train"))
+    assert by_source == {n: s["slots"]["train"] for n, s in sources.items()}
+    assert sources["alpaca_seed"]["records"] < sources["alpaca_seed"]["slots"]["train"]
+
+
+def test_filters_drop_and_count_per_source(tmp_path):
+    lines = [
+        {"text": "A fine sentence about a cat."},
+        {"text": "A fine sentence about a cat."},  # duplicate
+        {"text": "1234 5678 9999 0000 1111"},  # not prose
+        {"text": "short"},
+        {"text": "Another fine sentence, about a dog."},
+    ]
+    path = tmp_path / "src.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    filters = [
+        {"name": "length", "min_chars": 10},
+        {"name": "quality", "min_alpha_ratio": 0.6},
+        {"name": "dedup"},
+    ]
+    cfg = jsonl_cfg(path, split={"val_fraction": 0.0})
+    cfg["sources"][0]["filters"] = filters
+    data = prepare(cfg, tmp_path / "cache", progress=False)
+    (source,) = data.manifest["sources"]
+    assert source["dropped"] == {"dedup": 1, "length": 1, "quality": 1}
+    assert source["records"] == 2
+
+
+def test_chat_records_keep_masks_and_unusable_pairs_are_counted(tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    rows = [{"prompt": f"Q{i}?", "chosen": f"A{i}", "rejected": f"B{i}"} for i in range(6)]
+    rows.append({"prompt": "Q?", "chosen": "same", "rejected": "same"})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = prepare(
+        jsonl_cfg(path, format="auto", split={"val_fraction": 0.0}), tmp_path / "c", progress=False
+    )
+    assert data.manifest["format"] == "preference"
+    assert data.manifest["sources"][0]["dropped"] == {"chosen_equals_rejected": 1}
+    assert data.manifest["splits"]["train"]["documents"] == 12
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (
+            b'{"messages": [{"role": "user", "content": "a"}]}\n{"messages": [{"role": "cat", "content": "b"}]}\n',
+            ":2: message 0 has unknown role 'cat'",
+        ),
+        (
+            b'{"prompt": "p", "chosen": "a", "rejected": "b"}\n{"prompt": "p", "chosen": "a"}\n',
+            ":2: preference record has no 'rejected' field",
+        ),
+    ],
+)
+def test_bad_chat_and_preference_records_name_file_and_line(tmp_path, content, message):
+    path = _write(tmp_path / "src.jsonl", content)
+    with pytest.raises(DataError, match=message):
+        prepare(jsonl_cfg(path, format="auto"), tmp_path / "cache", progress=False)
+    assert list((tmp_path / "cache" / "data").iterdir()) == []
+
+
+def test_unknown_filter_and_adapter_are_config_errors(tmp_path):
+    cfg = demo_cfg()
+    cfg["sources"][0]["filters"] = [{"name": "lenght"}]
+    with pytest.raises(ConfigError, match="data source 'stories': unknown filter 'lenght'"):
+        prepare(cfg, tmp_path, progress=False)
+    cfg["sources"][0]["filters"] = []
+    cfg["sources"][0]["adapter"] = "nope"
+    with pytest.raises(ConfigError, match="unknown adapter 'nope'"):
+        prepare(cfg, tmp_path, progress=False)
+    assert not (tmp_path / "data").exists() or not any((tmp_path / "data").iterdir())
+
+
+@pytest.mark.parametrize("name", ["demo", "demo_mid", "demo_chat", "demo_pref", "demo_prompts"])
+def test_builtin_demo_mixtures_cover_the_four_formats(tmp_path, name):
+    cfg = shipped(name)
+    for source in cfg["sources"]:
+        source["num_records"] = 200
+    data = prepare(cfg, tmp_path, progress=False)
+    assert data.manifest["splits"]["val"]["records"] > 0
+    expected = {"demo": "text", "demo_mid": "text", "demo_chat": "chat"}
+    assert data.manifest["format"] == expected.get(
+        name, {"demo_pref": "preference"}.get(name, "prompt")
+    )

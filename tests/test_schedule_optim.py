@@ -85,3 +85,20 @@ def test_bad_optimizer_config():
         build_optimizer(model, {"name": "sgd", "lr": 1.0}, torch.device("cpu"))
     with pytest.raises(ConfigError, match="optim.betas"):
         build_optimizer(model, {"lr": 1.0, "betas": [0.9, 1.5]}, torch.device("cpu"))
+
+
+def test_midtrain_rewarmup_plan_from_the_stage_config():
+    """stage=midtrain: LR/10 -> LR over 5% of the steps, then cosine to LR/10 at the end."""
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    stage = OmegaConf.load(Path(__file__).resolve().parents[1] / "conf/stage/midtrain.yaml")
+    lr = float(stage.optim.lr)
+    s = build_schedule(OmegaConf.to_container(stage.schedule), lr, 200)
+    assert lr == 2e-4 and s.warmup_steps == 10
+    assert s(0) == pytest.approx(lr / 10, rel=1e-12)
+    assert s(10) == pytest.approx(lr, rel=1e-12)
+    assert s(199) == pytest.approx(lr / 10, rel=1e-12)
+    assert all(s(k) < s(k + 1) for k in range(10)) and all(s(k) >= s(k + 1) for k in range(10, 199))
+    assert s.describe() == "warmup 10/200 steps 2e-05 -> 0.0002, then cosine to 2e-05 at step 199"

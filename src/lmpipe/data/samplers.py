@@ -184,8 +184,8 @@ class EpisodeSampler:
 
     The epoch order is a permutation seeded by ``(epoch_seed, epoch)`` (or the data order
     without shuffling); ``rows`` examples per step over all ranks, each rank taking its
-    slice. An incomplete last batch of an epoch is dropped (``epoch_drop_last``) or filled
-    from the start of the epoch. Padding puts one episode document per row, padded to the
+    slice. An incomplete last batch of an epoch is dropped (``epoch_drop_last``) or kept
+    as a smaller batch. Padding puts one episode document per row, padded to the
     batch's longest; packing fills rows of ``row_length`` with consecutive episodes, kept
     apart by segment ids. With ``pad_id`` padding has loss 0; an architecture that learns
     to stop by predicting EOS in the padding (``pads_with_eos``) pads with EOS, trained.
@@ -211,6 +211,8 @@ class EpisodeSampler:
         self.world_size = world_size
         self._plans: dict[int, list[tuple[int, ...]]] = {}
         self.reference: torch.Tensor | None = None  # (episodes, docs) precomputed values
+        if not options.epoch_drop_last and world_size > 1:
+            raise ConfigError("sampler.epoch_drop_last=false needs a single rank (equal batches)")
         if options.packing and episodes.starts.shape[1] != 1:
             raise ConfigError(
                 "sampler.packing=true is for single-document episodes (SFT), not pairs"
@@ -264,11 +266,11 @@ class EpisodeSampler:
         return {"kind": "episodes", "step": step, "epoch": epoch, "batch_in_epoch": index}
 
     def step_rows(self, step: int) -> list[tuple[int, ...]]:
-        """The rows (episode ids) of the whole step, all ranks."""
+        """The rows (episode ids) of the whole step, all ranks; the last batch of an epoch
+        is smaller when ``epoch_drop_last`` is off."""
         where = self.position(step)
-        rows = self._epoch_rows(where["epoch"])
         first = where["batch_in_epoch"] * self.rows
-        return [rows[(first + i) % len(rows)] for i in range(self.rows)]
+        return self._epoch_rows(where["epoch"])[first : first + self.rows]
 
     def batch(self, step: int) -> Batch:
         rows = self.step_rows(step)

@@ -272,6 +272,7 @@ class Tokenizer:
     def save(self, directory: str | Path) -> None:
         """Write tokenizer.json and tokenizer_config.json into ``directory``."""
         directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
         (directory / "tokenizer.json").write_text(self.to_json())
         (directory / CONFIG_FILE).write_text(self.config_json())
 
