@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	@touch $@
 
 demo: $(STAMP)
-	$(BIN)/python -m lmpipe.train
+	$(BIN)/python -m lmpipe.pipeline pipeline=lifecycle
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

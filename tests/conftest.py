@@ -83,3 +83,63 @@ def assert_one_line_error(proc, *fragments: str) -> None:
     assert "Traceback" not in proc.stderr
     for fragment in fragments:
         assert fragment in lines[0], lines[0]
+
+
+# --- checkpoints without training (evaluation, export) ----------------------------------
+LM_CLASSES = {"ar": "lmpipe.models.ar.ARLM", "diffusion": "lmpipe.models.diffusion.DiffusionLM"}
+TINY_SHAPE = {"n_layer": 2, "n_head": 2, "d_model": 32, "block_size": 64}
+
+
+def data_config(name: str, records: int) -> dict:
+    """``conf/data/<name>.yaml`` with every (built-in) source cut to ``records`` records."""
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "data" / f"{name}.yaml"))
+    for source in cfg["sources"]:
+        source["num_records"] = records
+    return cfg
+
+
+def save_random_checkpoint(
+    path: Path,
+    data_cfg: dict,
+    cache_dir: Path,
+    *,
+    arch: str = "ar",
+    stage: str = "pretrain",
+    scale: float | None = None,
+    seed: int = 0,
+    **shape,
+) -> Path:
+    """A checkpoint of a freshly initialised model on prepared ``data_cfg``, with the meta
+    a training run writes. ``scale``: redraw every weight from N(0, scale^2) so that the
+    predictions are far from uniform (sharper checks of numerics)."""
+    import torch
+
+    from lmpipe.data.prepare import prepare
+    from lmpipe.models import build_lm
+    from lmpipe.training.checkpoint import save_checkpoint
+
+    data = prepare(data_cfg, cache_dir, progress=False)
+    torch.manual_seed(seed)
+    model = build_lm(
+        {"_target_": LM_CLASSES[arch]},
+        {**TINY_SHAPE, **shape},
+        data.tokenizer.vocab_size,
+        data.tokenizer.special_ids,
+    )
+    if scale is not None:
+        with torch.no_grad():
+            for param in model.parameters():
+                param.normal_(0.0, scale)
+    meta = {
+        "global_step": 0,
+        "architecture": arch,
+        "model_config": model.config_dict(),
+        "stage": stage,
+        "train_config": {"data": data_cfg},
+        "tokenizer_hash": data.tokenizer.hash,
+        "data_dir": str(data.directory),
+    }
+    save_checkpoint(path, model=model, trainer_state={}, tokenizer=data.tokenizer, meta=meta)
+    return path

@@ -62,3 +62,15 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(
             f"resume={mode!r}: no such checkpoint (use false, auto or a checkpoint directory)"
         )
+
+
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+
+
+def group_option(group: str, name: str) -> dict:
+    """``conf/<group>/<name>.yaml`` resolved, as a dict (e.g. a data mixture by name)."""
+    path = CONF_DIR / group / f"{name}.yaml"
+    if not path.is_file():
+        options = sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+        raise ConfigError(f"no config '{group}/{name}' (available: {', '.join(options)})")
+    return OmegaConf.to_container(OmegaConf.load(path), resolve=True)

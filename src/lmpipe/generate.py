@@ -1,6 +1,9 @@
 """``python -m lmpipe.generate checkpoint=<dir> prompt="..."``: sample from a checkpoint.
 
-The architecture, model config and tokenizer come from the checkpoint itself.
+The architecture, model config and tokenizer come from the checkpoint itself. ``chat=true``
+puts the prompt in a user turn of the chat template and prints the assistant's reply,
+which ends at the template's end-of-turn token. One sample streams to the terminal as it
+is generated (AR uses its KV cache); several are generated as one batch.
 """
 
 from __future__ import annotations
@@ -32,9 +35,8 @@ def main(cfg: DictConfig) -> None:
 
 
 def _generate(cfg: DictConfig) -> None:
-    import torch
-
     from lmpipe.errors import ConfigError
+    from lmpipe.eval.generation import complete, stream_completion
     from lmpipe.training.checkpoint import resolve_checkpoint
     from lmpipe.training.hardware import resolve_hardware
 
@@ -45,31 +47,40 @@ def _generate(cfg: DictConfig) -> None:
     model = checkpoint.build_model().to(device)
     tokenizer = checkpoint.tokenizer()
     text = _prompt_text(cfg)
-    # Documents follow EOS in training, so EOS + prompt is "a document starting with prompt".
-    ids = [tokenizer.eos_id, *tokenizer.encode(text)]
-    limit = model.config.block_size
-    prompt = torch.tensor([ids[-limit:]] * cfg.num_samples, device=device)
-    sampling = {
+    if cfg.chat:
+        system = [{"role": "system", "content": cfg.system}] if cfg.system else []
+        messages = [*system, {"role": "user", "content": text}]
+        ids = tokenizer.encode(tokenizer.render_chat(messages, add_generation_prompt=True))
+        stop_ids = (tokenizer.turn_end_id, tokenizer.eos_id)
+        shown = ""  # a chat shows the reply only
+    else:
+        # Documents follow EOS in training: EOS + prompt is "a document starting with it".
+        ids = [tokenizer.eos_id, *tokenizer.encode(text)]
+        stop_ids = (tokenizer.eos_id,)
+        shown = text
+    options = {
+        "max_new_tokens": cfg.max_new_tokens,
+        "stop_ids": stop_ids,
+        "device": device,
         "temperature": cfg.temperature,
         "top_k": cfg.top_k,
         "top_p": cfg.top_p,
-        "eos_id": tokenizer.eos_id,
-        "generator": torch.Generator(device).manual_seed(cfg.seed),
+        "seed": cfg.seed,
     }
 
-    if cfg.stream and cfg.num_samples == 1 and hasattr(model, "stream"):
-        print(text, end="", flush=True)
-        tokens = (int(t[0]) for t in model.stream(prompt, cfg.max_new_tokens, **sampling))
-        for piece in tokenizer.iter_decode(t for t in tokens if t != tokenizer.eos_id):
+    if cfg.stream and cfg.num_samples == 1:
+        print(shown, end="", flush=True)
+        for piece in tokenizer.iter_decode(stream_completion(model, ids, **options)):
             print(piece, end="", flush=True)
         print()
         return
-    output = model.generate(prompt, cfg.max_new_tokens, **sampling)
-    for i, row in enumerate(output.tolist()):
+    samples = complete(
+        model, [ids] * cfg.num_samples, batch_size=cfg.num_samples, progress=False, **options
+    )
+    for i, sample in enumerate(samples):
         if cfg.num_samples > 1:
             print(f"--- sample {i + 1}")
-        new = [t for t in row[prompt.shape[1] :] if t != tokenizer.eos_id]
-        print(text + tokenizer.decode(new))
+        print(shown + tokenizer.decode(sample))
 
 
 if __name__ == "__main__":

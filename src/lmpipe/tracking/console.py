@@ -50,10 +50,13 @@ _SHORT = {
 
 
 def _short_name(key: str) -> str:
-    """``train/loss`` -> ``loss``, ``val/perplexity`` -> ``val ppl`` (the jsonl keeps full names)."""
-    split, _, name = key.rpartition("/")
-    name = _SHORT.get(name, name)
-    return name if split in ("", "train") else f"{split} {name}"
+    """``train/loss`` -> ``loss``, ``val/rewards/accuracy`` -> ``val rewards acc`` (the
+    jsonl keeps full names)."""
+    parts = key.split("/")
+    parts[-1] = _SHORT.get(parts[-1], parts[-1])
+    if parts[0] == "train" and len(parts) > 1:
+        parts = parts[1:]
+    return " ".join(parts)
 
 
 def format_metrics(metrics: dict[str, float]) -> str:

@@ -1,0 +1,21 @@
+"""Evaluation of any checkpoint with metric names shared by every architecture and stage.
+
+answers     final answers out of text, exact match
+heldout     validation batches and prompts of a prepared dataset
+likelihood  perplexity, token accuracy, preference accuracy
+generation  batched and streamed completion of prompts
+diversity   distinct-n, self-BLEU
+speed       tokens/s (batch 1, batched), time to first token
+tasks       answer accuracy of greedy replies
+runner      evaluate_checkpoint, comparison_table (the public API)
+"""
+
+from lmpipe.eval.runner import (
+    METRIC_NAMES,
+    METRICS,
+    comparison_table,
+    evaluate_checkpoint,
+    write_results,
+)
+
+__all__ = ["METRICS", "METRIC_NAMES", "comparison_table", "evaluate_checkpoint", "write_results"]

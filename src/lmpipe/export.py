@@ -1,0 +1,30 @@
+"""``python -m lmpipe.export checkpoint=<dir> out=<folder>``: an AR checkpoint as an HF model.
+
+The folder loads with ``AutoModelForCausalLM.from_pretrained`` and
+``AutoTokenizer.from_pretrained`` (Llama or GPT-2 by the model's layout; see
+``lmpipe.models.hf_export``).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+from lmpipe.cli import run, user_errors
+
+
+@hydra.main(config_path="../../conf", config_name="export", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    with user_errors("lmpipe.export"):
+        from lmpipe.models.hf_export import export
+        from lmpipe.training.checkpoint import resolve_checkpoint
+
+        checkpoint = resolve_checkpoint(cfg.checkpoint, log=lambda m: print(m, file=sys.stderr))
+        out = export(checkpoint.build_model(), checkpoint.tokenizer(), cfg.out)
+        print(out)
+
+
+if __name__ == "__main__":
+    run(main, "lmpipe.export")
