@@ -106,6 +106,20 @@ def test_precomputed_reference_gives_the_live_reference_loss():
     assert float(metrics_live["rewards/accuracy"]) == (chosen > rejected).float().mean().item()
 
 
+def test_rpo_adds_the_chosen_replies_mean_nll():
+    policy, reference = model(), model()
+    batch = pairs_batch()
+    plain, rpo = objective(), objective(rpo_alpha=0.5)
+    plain.reference = rpo.reference = reference
+    loss_plain, _ = plain.loss(policy, batch)
+    loss_rpo, metrics = rpo.loss(policy, batch)
+    chosen_nll = (policy.token_nll(batch) * batch.loss_mask)[0::2].sum() / batch.loss_mask[
+        0::2
+    ].sum()
+    torch.testing.assert_close(loss_rpo, loss_plain + 0.5 * chosen_nll)
+    assert float(metrics["nll/chosen"]) == pytest.approx(chosen_nll.item(), rel=1e-5)
+
+
 def test_sequence_logp_is_minus_the_masked_nll_sum():
     m, batch = model(), pairs_batch()
     expected = -(m.token_nll(batch) * batch.loss_mask).sum(-1)
@@ -154,6 +168,7 @@ def test_training_on_pairs_raises_the_preference_accuracy():
         ({"beta": 0.0}, "beta"),
         ({"label_smoothing": 0.5}, "label_smoothing"),
         ({"mc_samples": 0}, "mc_samples"),
+        ({"rpo_alpha": -1.0}, "rpo_alpha"),
     ],
 )
 def test_bad_dpo_options(changes, message):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -22,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lmpipe.cli import run, user_errors
 from lmpipe.errors import ConfigError, LmpipeError
+from lmpipe.training.checkpoint import list_checkpoints
 
 STATE_FILE = "pipeline_state.json"
 
@@ -76,33 +78,29 @@ def run_pipeline(cfg: DictConfig) -> Path:
     state_path = directory / STATE_FILE
     state = json.loads(state_path.read_text()) if state_path.is_file() else {}
     previous: Path | None = None
+    fingerprint = ""
     for stage in cfg.pipeline.stages:
         args = stage_args(cfg, stage, directory)
         if previous is not None:
             args.append(f"init_from={previous}")
-        fingerprint = hashlib.sha256(json.dumps(args).encode()).hexdigest()[:16]
+        # Chained: a stage whose input stage changed has changed too.
+        fingerprint = hashlib.sha256(json.dumps([fingerprint, args]).encode()).hexdigest()[:16]
         record = state.get(stage.name, {})
+        run_dir = directory / stage.name
         if record.get("fingerprint") == fingerprint and record.get("finished"):
-            print(f"== stage {stage.name}: finished earlier, skipped ({directory / stage.name})")
+            print(f"== stage {stage.name}: finished earlier, skipped ({run_dir})")
         else:
-            print(f"== stage {stage.name}: python -m lmpipe.train {' '.join(args)}", flush=True)
-            # A resumed stage's wall time adds to the time its earlier attempts took.
-            earlier = record.get("wall_s", 0.0) if record.get("fingerprint") == fingerprint else 0.0
-            started = time.perf_counter()
-            code = subprocess.call([sys.executable, "-m", "lmpipe.train", *args])
-            record = {
-                "fingerprint": fingerprint,
-                "finished": code == 0,
-                "wall_s": earlier + time.perf_counter() - started,
-            }
-            state[stage.name] = record
+            if record and record.get("fingerprint") != fingerprint:
+                _replace_changed(stage.name, run_dir, cfg.rerun_changed)
+                record = {}
+            state[stage.name] = record = _run_stage(stage.name, args, record, fingerprint)
             state_path.write_text(json.dumps(state, indent=2) + "\n")
-            if code != 0:
+            if not record["finished"]:
                 raise StageFailed(
-                    f"stage '{stage.name}' failed (exit {code}, its error is above); fix it and "
-                    "re-run the same command to resume from this stage"
+                    f"stage '{stage.name}' failed (its error is above); fix it and re-run the "
+                    "same command to resume from this stage"
                 )
-        previous = directory / stage.name
+        previous = run_dir
     report = write_report(
         directory,
         [
@@ -115,6 +113,35 @@ def run_pipeline(cfg: DictConfig) -> Path:
     )
     print(f"report: {report}")
     return directory
+
+
+def _replace_changed(name: str, run_dir: Path, rerun_changed: bool) -> None:
+    """A stage that ran with other settings (its own, or an earlier stage's) is never
+    resumed with the new ones: it is rerun from scratch when the user says so."""
+    if not list_checkpoints(run_dir):
+        return
+    if not rerun_changed:
+        raise ConfigError(
+            f"stage '{name}' in {run_dir} ran with other settings than the pipeline gives it "
+            "now; pass rerun_changed=true to delete it (and rerun it and the stages after it), "
+            "or name=<another directory>"
+        )
+    print(f"== stage {name}: settings changed, deleting {run_dir}", flush=True)
+    shutil.rmtree(run_dir)
+
+
+def _run_stage(name: str, args: list[str], record: dict, fingerprint: str) -> dict:
+    """Run (or resume) one stage as an ``lmpipe.train`` process; its new state record
+    (``finished`` false when the process failed: it printed its own error)."""
+    print(f"== stage {name}: python -m lmpipe.train {' '.join(args)}", flush=True)
+    started = time.perf_counter()
+    code = subprocess.call([sys.executable, "-m", "lmpipe.train", *args])
+    return {
+        "fingerprint": fingerprint,
+        "finished": code == 0,
+        # A resumed stage's wall time adds to the time its earlier attempts took.
+        "wall_s": record.get("wall_s", 0.0) + time.perf_counter() - started,
+    }
 
 
 if __name__ == "__main__":

@@ -7,12 +7,16 @@ the whole lifecycle runs offline and every stage's effect is measurable on a CPU
 - ``qa_text`` (text): "Question: ... Answer: ..." documents, the mid-training domain;
 - ``chat`` (chat): questions with checkable answers (sums, differences, counting, lookups
   in the prompt), some with a system turn or two rounds; every reply ends "The answer
-  is N." so that exact match can score it;
-- ``pairs`` (preference): the same questions, the correct reply chosen and a plausible
-  wrong one (off by a little, or the distractor in the prompt) rejected;
+  is N." so that exact match can score it. Like real SFT data the demonstrations are
+  noisy: a careless annotator answers half of the lookup questions with the other
+  person's count (``CARELESS_LOOKUP_RATE``), so SFT learns that mistake too;
+- ``pairs`` (preference): the same questions, judged carefully: the correct reply chosen
+  and a plausible wrong one (off by a little, or the distractor in the prompt) rejected.
+  What the pairs know and the chats do not (the distractor is wrong) is what DPO adds;
 - ``prompts`` (prompt): the questions with their verifiable answers, for RL.
 
-Generators are pure functions of ``(num_records, seed)``.
+Generators are pure functions of ``(num_records, seed)``; ``BUILTIN_VERSION`` changes
+whenever what they generate does (it is part of the prepared-data cache key).
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+
+BUILTIN_VERSION = 2
 
 NAMES = [
     "Ada",
@@ -146,6 +152,7 @@ class Problem:
     answer: int
     wrong: int  # a plausible wrong answer
     template: str  # the reply, with {v} for the value it concludes
+    wrong_is_distractor: bool = False  # the wrong answer is another number in the question
 
     def reply(self, value: int | None = None) -> str:
         return self.template.format(v=self.answer if value is None else value)
@@ -214,11 +221,13 @@ def _problem_lookup(rng: random.Random) -> Problem:
         y,
         x,  # the distractor: the other person's count
         f"{second} has {{v}} {thing}. The answer is {{v}}.",
+        wrong_is_distractor=True,
     )
 
 
 PROBLEMS = [_problem_add, _problem_gain, _problem_give, _problem_count, _problem_lookup]
 SYSTEM_PROMPT = "You are a careful helper. Answer with a short explanation."
+CARELESS_LOOKUP_RATE = 0.5  # share of the chat demonstrations that answer with the distractor
 
 
 def problem(rng: random.Random) -> Problem:
@@ -232,9 +241,10 @@ def chat(num_records: int, seed: int) -> Iterator[dict]:
         messages = [{"role": "system", "content": SYSTEM_PROMPT}] if rng.random() < 0.25 else []
         for _ in range(1 if rng.random() < 0.8 else 2):
             p = problem(rng)
+            careless = p.wrong_is_distractor and rng.random() < CARELESS_LOOKUP_RATE
             messages += [
                 {"role": "user", "content": p.question},
-                {"role": "assistant", "content": p.reply()},
+                {"role": "assistant", "content": p.reply(p.wrong if careless else None)},
             ]
         yield {"messages": messages}
 

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from lmpipe import __version__
 from lmpipe.data import formats
 from lmpipe.data.adapters import ADAPTERS
+from lmpipe.data.builtin import BUILTIN_VERSION
 from lmpipe.data.filters import build_filters, first_failing
 from lmpipe.data.mixer import mixture_ratios, plan_mixture, validate_mixture
 from lmpipe.data.shards import ShardWriter, TokenShards, token_dtype
@@ -72,6 +73,8 @@ def cache_key(cfg: dict, tokenizer: Tokenizer | None) -> str:
         "data": cfg,
         "tokenizer": tokenizer and tokenizer.hash,
     }
+    if any(source.get("builtin") for source in cfg.get("sources") or []):
+        payload["builtin_version"] = BUILTIN_VERSION  # generated records change with the code
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 

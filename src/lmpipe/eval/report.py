@@ -28,6 +28,14 @@ COLUMNS = [  # (key, header, format)
 ]
 
 
+# The report's held-out data and what each one measures (preference data also gives an
+# answer accuracy, on the pairs' prompts; the report takes answers from answer_data only).
+HELD_OUT = {
+    "answer_data": ("task/answer_accuracy",),
+    "preference_data": ("task/preference_accuracy", "task/preference_margin"),
+}
+
+
 def _last(metrics: list[dict], key: str) -> float | None:
     values = [m[key] for m in metrics if key in m]
     return values[-1] if values else None
@@ -48,18 +56,19 @@ def stage_row(name: str, run_dir: Path, wall_s: float, report_cfg: dict, **evalu
     }
     for key in ("train/loss", "val/loss", "val/rewards/accuracy", "val/rewards/margin"):
         row[key] = _last(metrics, key)
-    for data_key in ("answer_data", "preference_data"):
+    for data_key, names in HELD_OUT.items():
         if report_cfg.get(data_key):
-            row.update(
-                evaluate_checkpoint(
-                    checkpoint,
-                    data_cfg=group_option("data", report_cfg[data_key]),
-                    metrics=["task"],
-                    num_samples=int(report_cfg.get("num_samples", 200)),
-                    max_new_tokens=int(report_cfg.get("max_new_tokens", 64)),
-                    **evaluation,
-                )
+            results = evaluate_checkpoint(
+                checkpoint,
+                data_cfg=group_option("data", report_cfg[data_key]),
+                metrics=["task"],
+                num_samples=int(report_cfg["num_samples"]),
+                max_new_tokens=int(report_cfg["max_new_tokens"]),
+                batch_size=int(report_cfg["batch_size"]),
+                seed=int(report_cfg["seed"]),
+                **evaluation,
             )
+            row.update({name: results.get(name) for name in names})
     return row
 
 
@@ -112,7 +121,7 @@ def write_report(
         plot_curves(name, run_dir, directory / f"curves_{name}.png")
     (directory / "report.json").write_text(json.dumps({"stages": rows}, indent=2) + "\n")
     held_out = ", ".join(
-        f"{what} on data={report_cfg[key]} ({report_cfg.get('num_samples', 200)} held-out examples)"
+        f"{what} on data={report_cfg[key]} ({report_cfg['num_samples']} held-out examples)"
         for key, what in (
             ("answer_data", "answer accuracy"),
             ("preference_data", "preference accuracy"),

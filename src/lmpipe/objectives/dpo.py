@@ -14,6 +14,10 @@ With h = (log pi(c) - log pi(r)) - (log ref(c) - log ref(r)) and beta:
 - ``hinge``: max(0, 1 - beta h) (SLiC, Zhao et al. 2023);
 - ``ipo``: (h - 1/(2 beta))^2 (Azar et al. 2023).
 
+``rpo_alpha`` > 0 adds alpha times the chosen reply's mean NLL per token (RPO, Pang et al.
+2024): the preference losses only see differences, and on pairs that differ in a few
+tokens they may lower both replies; the NLL term keeps the chosen one likely.
+
 The reference is the stage's starting checkpoint, frozen; with ``precompute_ref`` its
 log-probs are computed once before training (``Reference``), so only the policy sits in
 memory while training.
@@ -79,6 +83,7 @@ class DPO(Objective):
         label_smoothing: float,
         precompute_ref: bool,
         mc_samples: int,
+        rpo_alpha: float = 0.0,
     ):
         if loss_type not in LOSS_TYPES:
             raise ConfigError(
@@ -90,11 +95,14 @@ class DPO(Objective):
             raise ConfigError(f"objective.label_smoothing={label_smoothing!r} must be in [0, 0.5)")
         if not isinstance(mc_samples, int) or mc_samples < 1:
             raise ConfigError(f"objective.mc_samples={mc_samples!r} must be an integer >= 1")
+        if not rpo_alpha >= 0:
+            raise ConfigError(f"objective.rpo_alpha={rpo_alpha!r} must be >= 0")
         self.beta = beta
         self.loss_type = loss_type
         self.label_smoothing = label_smoothing
         self.precompute_ref = precompute_ref
         self.mc_samples = mc_samples
+        self.rpo_alpha = rpo_alpha
         self.reference: LM | None = None
 
     def check_arch(self, lm_class) -> None:
@@ -142,7 +150,13 @@ class DPO(Objective):
         chosen = self.beta * (policy_c - ref_c).detach()
         rejected = self.beta * (policy_r - ref_r).detach()
         loss = losses.mean()
+        metrics = {}
+        if self.rpo_alpha:
+            chosen_nll = -policy_c.sum() / batch.loss_mask[0::2].sum().clamp(min=1)
+            loss = loss + self.rpo_alpha * chosen_nll
+            metrics["nll/chosen"] = chosen_nll.detach()
         return loss, {
+            **metrics,
             "loss": loss.detach(),
             "rewards/chosen": chosen.mean(),
             "rewards/rejected": rejected.mean(),
