@@ -63,8 +63,8 @@ def lmpipe_step(
         objective=CrossEntropy(),
         optimizer=build_optimizer(model, OPTIM, hardware.device),
         schedule=build_schedule({"warmup_steps": 0}, OPTIM["lr"], cfg.max_steps),
-        train_batches=lambda step: None,
-        val_batches=[],
+        sampler=None,  # train_step is called directly with the batches
+        val_sets={},
         hardware=hardware,
         env=DistEnv(),
         logger=MetricLogger([]),

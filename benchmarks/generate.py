@@ -1,11 +1,16 @@
-"""Generation speed: lmpipe (KV cache, and without) vs HF transformers ``generate``.
+"""Generation speed: lmpipe (KV cache, and without) vs HF transformers ``generate``, and
+lmpipe's masked-diffusion samplers on a model of the same dimensions.
 
 One random AR model of the dimensions of ``conf/model/<preset>.yaml`` (Llama layout:
 RMSNorm, RoPE, SwiGLU) and its export to ``LlamaForCausalLM`` (``lmpipe.models.hf_export``)
 generate greedily from the same prompts: a fixed number of new tokens (no EOS on either
 side), at batch 1 and batch 8. Generations alternate in chunks within one process; each
-round gives a ratio, the table shows their median and range. Also reports whether all
-three produced the same tokens.
+round gives a ratio, the table shows their median and range. Also reports whether the AR
+generators produced the same tokens. The diffusion rows (a bidirectional model of the same
+size, random weights, MASK = the last id) fill the same number of new positions with
+``--diffusion-steps`` denoising steps: MDLM ancestral sampling (the model runs only on
+steps that reveal a token) and LLaDA low-confidence remasking, as one block and as
+semi-autoregressive blocks of a quarter of the reply. Their "same tokens" column is "-".
 
     python benchmarks/generate.py                      # tiny: 4L/4H/128d, block 128
     python benchmarks/generate.py --preset small       # 6L/6H/384d, block 512
@@ -29,7 +34,7 @@ CONF = Path(__file__).resolve().parents[1] / "conf"
 BASELINE = "HF generate (use_cache=True)"
 
 
-def contenders(model, hf, new_tokens: int) -> dict:
+def contenders(model, hf, diffusion, new_tokens: int, diffusion_steps: int) -> dict:
     """name -> generate(prompt) -> (B, new_tokens) new token ids."""
 
     def lmpipe(use_cache: bool):
@@ -50,10 +55,29 @@ def contenders(model, hf, new_tokens: int) -> dict:
         )
         return out[:, prompt.shape[1] :]
 
+    def diffusion_sampler(sampler: str, block_length: int | None = None):
+        def generate(prompt):
+            out = diffusion.generate(
+                prompt,
+                new_tokens,
+                temperature=0,
+                steps=diffusion_steps,
+                sampler=sampler,
+                block_length=block_length,
+            )
+            return out[:, prompt.shape[1] :]
+
+        return generate
+
     return {
         BASELINE: hf_generate,
         "lmpipe KV cache": lmpipe(True),
         "lmpipe no cache": lmpipe(False),
+        f"diffusion ancestral, {diffusion_steps} steps": diffusion_sampler("ancestral"),
+        f"diffusion confidence, {diffusion_steps} steps": diffusion_sampler("confidence"),
+        f"diffusion confidence, blocks of {new_tokens // 4}": diffusion_sampler(
+            "confidence", new_tokens // 4
+        ),
     }
 
 
@@ -69,6 +93,9 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=6, help="timed generations per round")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--diffusion-steps", type=int, default=None, help="denoising steps (default: new tokens)"
+    )
     args = parser.parse_args()
     device = torch.device(args.device)
 
@@ -80,7 +107,16 @@ def main() -> None:
     hf = to_hf(model).to(device)
     model.to(device)
     hf.generation_config.eos_token_id = None  # a fixed number of new tokens
-    generators = contenders(model, hf, args.new_tokens)
+    # Masked diffusion of the same dimensions (no eos_id given: all new positions filled).
+    diffusion = build_lm(
+        {"_target_": "lmpipe.models.diffusion.DiffusionLM"},
+        layout,
+        args.vocab,
+        {"pad": 0, "eos": 1, "mask": args.vocab - 1},
+    ).eval()
+    diffusion.to(device)
+    steps = args.diffusion_steps or args.new_tokens
+    generators = contenders(model, hf, diffusion, args.new_tokens, steps)
     params = sum(p.numel() for p in model.parameters())
     if device.type == "cuda":
         where = torch.cuda.get_device_name(device)
@@ -101,7 +137,11 @@ def main() -> None:
         ]
         with torch.no_grad():
             outputs = {name: fn(prompts[0]) for name, fn in generators.items()}
-        same = all(torch.equal(out, outputs[BASELINE]) for out in outputs.values())
+        same = all(
+            torch.equal(out, outputs[BASELINE])
+            for name, out in outputs.items()
+            if not name.startswith("diffusion")
+        )
         per_round: dict[str, list[float]] = {name: [] for name in generators}
         ratios: dict[str, list[float]] = {name: [] for name in generators}
         for _ in range(args.rounds):
@@ -129,7 +169,7 @@ def main() -> None:
                     f"{batch * args.new_tokens / seconds:,.0f}",
                     f"{median(ratios[name]):.2f}x",
                     f"{min(ratios[name]):.2f}-{max(ratios[name]):.2f}",
-                    "yes" if same else "NO",
+                    "-" if name.startswith("diffusion") else "yes" if same else "NO",
                 ]
             )
     print_table(

@@ -251,3 +251,15 @@ def test_training_reduces_the_loss_on_a_learnable_pattern():
         after = loss(held_out, gen(0)).item()
     assert before > 0.8 * math.log(vocab)
     assert after < 0.4 * before, (before, after)
+
+
+def test_an_objective_refuses_an_arch_it_does_not_support():
+    from lmpipe.objectives.base import Objective
+
+    class AROnly(Objective):
+        name = "ar_only"
+        supported_archs = frozenset({"ar"})
+
+    AROnly().check_arch(ARLM)
+    with pytest.raises(ConfigError, match="'ar_only' does not support arch=diffusion"):
+        AROnly().check_arch(DiffusionLM)

@@ -38,7 +38,16 @@ def mmlu_text(record: dict, where: str) -> dict:
     return {"text": "\n".join([*lines, f"Answer: {letter}"])}
 
 
+def question_answer_text(record: dict, where: str) -> dict:
+    """A ``question`` / ``answer`` record (GSM8K) as one text document, for domain
+    pretraining: ``Question: ...`` and ``Answer: ...`` on lines of their own."""
+    if not isinstance(record.get("question"), str) or not isinstance(record.get("answer"), str):
+        raise DataError(f"{where}: record needs string fields 'question' and 'answer'")
+    return {"text": f"Question: {record['question']}\nAnswer: {record['answer']}"}
+
+
 ADAPTERS: dict[str, Callable[[dict, str], dict]] = {
     "gsm8k_model_solutions": gsm8k_model_solutions,
     "mmlu_text": mmlu_text,
+    "question_answer_text": question_answer_text,
 }

@@ -26,18 +26,21 @@ class ARLM(LM):
     def forward(self, batch: Batch, *, generator: torch.Generator | None = None) -> TokenScores:
         ids = batch.input_ids
         segments = batch.segment_ids[:, :-1] if batch.segment_ids is not None else None
-        logits = self.backbone(ids[:, :-1], causal=True, segment_ids=segments)
+        hidden = self.backbone.hidden_states(ids[:, :-1], causal=True, segment_ids=segments)
         targets = ids[:, 1:]
-        nll = F.cross_entropy(
-            logits.float().flatten(0, 1), targets.flatten(), reduction="none"
-        ).view_as(targets)
         mask = batch.loss_mask[:, 1:] > 0
         if batch.segment_ids is not None:  # a segment's first token has no context in it
             mask &= batch.segment_ids[:, 1:] == batch.segment_ids[:, :-1]
-        correct = (logits.argmax(dim=-1) == targets) & mask
+        # The LM head and the log-softmax over the vocabulary run at target positions only:
+        # prompts and padding are often half of an SFT or DPO row.
+        picked = mask.nonzero(as_tuple=True)
+        logits = self.backbone.lm_head(hidden[picked])
+        picked_nll = F.cross_entropy(logits.float(), targets[picked], reduction="none")
+        nll = picked_nll.new_zeros(targets.shape).index_put(picked, picked_nll)
+        correct = torch.zeros_like(mask).index_put(picked, logits.argmax(dim=-1) == targets[picked])
         # Token 0 has no context, so it is never a target: pad the first column.
         return TokenScores(
-            nll=F.pad(nll * mask, (1, 0)),
+            nll=F.pad(nll, (1, 0)),
             target_mask=F.pad(mask, (1, 0)),
             correct=F.pad(correct, (1, 0)),
             scored_mask=F.pad(mask, (1, 0)),
