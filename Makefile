@@ -35,9 +35,11 @@ format: $(STAMP)
 	$(BIN)/ruff format src tests benchmarks
 	$(BIN)/ruff check --fix src tests benchmarks
 
-bench: $(STAMP)
+BENCHMARKS := ar_pretrain prepare sft dpo generate ar_vs_diffusion
+
+bench: $(STAMP)  # every benchmark in turn (~25 min on 2 CPU cores); see docs/benchmarks.md
 	$(BIN)/pip install -q -e ".[dev,bench]"
-	$(BIN)/python benchmarks/ar_pretrain.py
+	@for b in $(BENCHMARKS); do echo "== benchmarks/$$b.py"; $(BIN)/python benchmarks/$$b.py || exit 1; done
 
 clean:
 	rm -rf runs outputs multirun wandb .cache .pytest_cache

@@ -71,6 +71,22 @@ def lmpipe(cache_dir, tmp_path):
     return run
 
 
+def train_until_killed(cwd: Path, args: list[str], line_prefix: str) -> None:
+    """Run ``lmpipe.train`` and SIGKILL it as soon as it prints a line starting with
+    ``line_prefix`` (e.g. a step's metrics line: a kill at that point of the run)."""
+    import signal
+
+    cmd = [sys.executable, "-m", "lmpipe.train", *args]
+    child = subprocess.Popen(
+        cmd, cwd=cwd, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+    )
+    for line in child.stdout:
+        if line.startswith(line_prefix):
+            os.kill(child.pid, signal.SIGKILL)
+            break
+    child.wait()
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 

@@ -225,6 +225,14 @@ def test_gsm8k_as_prompts_with_answers(tmp_path, shared_env):
     assert all(r["prompt"][0]["role"] == "user" for r in val)
 
 
+def test_gsm8k_as_question_answer_text(tmp_path, shared_env):
+    data = prepare(shipped("gsm8k_text_local"), tmp_path, progress=False)
+    texts = [r["text"] for r in records(data, "train") + records(data, "val")]
+    assert len(texts) == 7473 and data.split("train").mask is None
+    first = json.loads((shared_env / "gsm8k" / "train.jsonl").open().readline())
+    assert f"Question: {first['question']}\nAnswer: {first['answer']}" in texts
+
+
 def test_model_solutions_as_preference_pairs(tmp_path, shared_env):
     data = prepare(shipped("gsm8k_pref_local"), tmp_path, progress=False)
     (source,) = data.manifest["sources"]

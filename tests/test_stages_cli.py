@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +10,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from conftest import TINY, assert_one_line_error, cli_env, read_metrics
+from conftest import TINY, assert_one_line_error, cli_env, read_metrics, train_until_killed
 
 DEMO_SIZES = [  # small versions of the demo mixtures, so that preparing them takes seconds
     "data.sources.0.num_records=600",
@@ -110,26 +108,10 @@ def test_sft_resume_after_sigkill_continues_the_episode_log(lmpipe, tmp_path, ba
     assert len(set(first_epoch)) == len(first_epoch)
 
     killed = tmp_path / "killed"
-    cmd = [
-        sys.executable,
-        "-m",
-        "lmpipe.train",
-        *_sft_args(killed, base_run),
-        f"cache_dir={cache_dir}",
-    ]
-    child = subprocess.Popen(
-        cmd,
-        cwd=tmp_path,
-        env=cli_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
+    # After the step-8 checkpoint, before step 16's.
+    train_until_killed(
+        tmp_path, [*_sft_args(killed, base_run), f"cache_dir={cache_dir}"], "step     11 |"
     )
-    for line in child.stdout:
-        if line.startswith("step     11 |"):  # after the step-8 checkpoint, before step 16's
-            os.kill(child.pid, signal.SIGKILL)
-            break
-    child.wait()
     assert len(_episode_log(killed / "sft")) >= 11
     proc = lmpipe("train", *_sft_args(killed, base_run), "resume=auto")
     assert "resuming from" in proc.stdout and "step_000008" in proc.stdout

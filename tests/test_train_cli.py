@@ -4,16 +4,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
 
-from conftest import TINY, assert_one_line_error, cli_env, read_metrics
+from conftest import TINY, assert_one_line_error, read_metrics, train_until_killed
 
 
 def test_pretraining_learns_and_writes_a_complete_checkpoint(lmpipe, tmp_path):
@@ -87,20 +83,8 @@ def test_resume_after_sigkill_reproduces_the_uninterrupted_run(lmpipe, tmp_path,
     lmpipe("train", *_train_args(reference))
 
     killed = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "lmpipe.train", *_train_args(killed), f"cache_dir={cache_dir}"]
-    child = subprocess.Popen(
-        cmd,
-        cwd=tmp_path,
-        env=cli_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    for line in child.stdout:
-        if line.startswith("step     13 |"):  # after the step-10 checkpoint, before step 20's
-            os.kill(child.pid, signal.SIGKILL)
-            break
-    child.wait()
+    # After the step-10 checkpoint, before step 20's.
+    train_until_killed(tmp_path, [*_train_args(killed), f"cache_dir={cache_dir}"], "step     13 |")
     run_dir = killed / "r"
     assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["step_000010"]
     assert max(_losses(run_dir)) < 20
