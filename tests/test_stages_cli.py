@@ -37,11 +37,13 @@ def base_run(tmp_path_factory, cache_dir) -> Path:
     return out / "base"
 
 
-def test_midtrain_needs_init_from(lmpipe, tmp_path):
+@pytest.mark.parametrize(("stage", "data"), [("midtrain", "demo_mid"), ("dpo", "demo_pref")])
+def test_later_stages_need_init_from(lmpipe, tmp_path, stage, data):
     proc = lmpipe(
-        "train", *TINY, "stage=midtrain", "data=demo_mid", f"out_dir={tmp_path}", check=False
+        "train", *TINY, f"stage={stage}", f"data={data}", f"out_dir={tmp_path}", check=False
     )
-    assert_one_line_error(proc, "stage=midtrain starts from an earlier stage", "init_from=")
+    assert_one_line_error(proc, f"stage={stage} starts from an earlier stage", "init_from=")
+    assert not any(tmp_path.iterdir())  # no run directory left behind
 
 
 def test_midtrain_rewarms_and_reports_forgetting(lmpipe, tmp_path, base_run):
