@@ -3,9 +3,11 @@
 A pipeline config (``conf/pipeline/``) lists stages with their ``lmpipe.train`` overrides.
 Each stage runs in ``<out_dir>/<name>/<stage>`` and starts from the previous stage's final
 checkpoint. Stages run as ``lmpipe.train`` subprocesses with ``resume=auto``: a re-run
-skips the stages ``pipeline_state.json`` records as finished with the same overrides and
-resumes one that did not finish. At the end ``report.md`` / ``report.json`` and loss-curve
-PNGs in the pipeline directory say what each stage did.
+skips the stages ``pipeline_state.json`` records as finished with the same overrides (and
+the same stages before them) and resumes one that did not finish; a stage that ran with
+other settings is rerun from scratch only with ``rerun_changed=true``. At the end
+``report.md`` / ``report.json`` and loss-curve PNGs in the pipeline directory say what
+each stage did.
 """
 
 from __future__ import annotations
