@@ -163,7 +163,7 @@ def run_trl(args, data, episodes, sampler, base, precompute: bool, total: int) -
 
     eos_id = data.tokenizer.eos_id
     tokenizer = hf_tokenizer(data)
-    policy = llama_like(base, tokenizer)
+    policy = llama_like(base)
     reference = None if precompute else copy.deepcopy(policy).requires_grad_(False).eval()
     order = [e for i in range(total) for (e,) in sampler.step_rows(i)]
     dataset = Dataset.from_list(trl_pairs(data, episodes, order, eos_id))

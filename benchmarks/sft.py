@@ -64,6 +64,7 @@ from lmpipe.config import group_option
 from lmpipe.data.prepare import PreparedData, prepare
 from lmpipe.data.samplers import EpisodeOptions, Episodes, EpisodeSampler
 from lmpipe.models import LM, build_lm
+from lmpipe.models.hf_export import to_hf
 from lmpipe.objectives import Objective
 from lmpipe.objectives.sft import MaskedSFT
 from lmpipe.tracking import MetricLogger
@@ -160,60 +161,12 @@ def lmpipe_model(preset: str, block: int, data: PreparedData) -> LM:
     )
 
 
-def llama_like(model: LM, tokenizer):
-    """A ``LlamaForCausalLM`` of the same dimensions as lmpipe's model, with its weights."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    c = model.config
-    assert (c.mlp, c.norm, c.pos_emb, c.bias) == ("swiglu", "rmsnorm", "rope", False), (
-        "the Llama peer needs the Llama layout (swiglu, rmsnorm, rope, no bias)"
-    )
-    config = LlamaConfig(
-        vocab_size=c.vocab_size,
-        hidden_size=c.d_model,
-        intermediate_size=c.hidden_dim,
-        num_hidden_layers=c.n_layer,
-        num_attention_heads=c.n_head,
-        num_key_value_heads=c.n_head,
-        max_position_embeddings=c.block_size,
-        rms_norm_eps=c.norm_eps,
-        rope_parameters={"rope_type": "default", "rope_theta": c.rope_theta},
-        tie_word_embeddings=c.tie_embeddings,
-        attention_bias=False,
-        mlp_bias=False,
-        hidden_act="silu",
-        attention_dropout=0.0,
-        use_cache=False,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        attn_implementation="sdpa",
-    )
-    hf = LlamaForCausalLM(config)
-    d, h = c.d_model, c.hidden_dim
-    weights = {"model.embed_tokens.weight": model.backbone.tok_emb.weight}
-    for i, block in enumerate(model.backbone.blocks):
-        p = f"model.layers.{i}."
-        qkv, up = block.attn.qkv.weight, block.mlp.up.weight  # [q; k; v], [gate; value]
-        weights.update(
-            {
-                p + "self_attn.q_proj.weight": qkv[:d],
-                p + "self_attn.k_proj.weight": qkv[d : 2 * d],
-                p + "self_attn.v_proj.weight": qkv[2 * d :],
-                p + "self_attn.o_proj.weight": block.attn.proj.weight,
-                p + "mlp.gate_proj.weight": up[:h],
-                p + "mlp.up_proj.weight": up[h:],
-                p + "mlp.down_proj.weight": block.mlp.down.weight,
-                p + "input_layernorm.weight": block.norm1.weight,
-                p + "post_attention_layernorm.weight": block.norm2.weight,
-            }
-        )
-    weights["model.norm.weight"] = model.backbone.norm_f.weight
-    if not c.tie_embeddings:
-        weights["lm_head.weight"] = model.backbone.lm_head.weight
-    state = {k: v.detach().clone() for k, v in weights.items()}
-    missing, unexpected = hf.load_state_dict(state, strict=False)
-    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
+def llama_like(model: LM):
+    """lmpipe's own HF export (``to_hf``): a ``LlamaForCausalLM`` of the same dimensions
+    with the same weights, set up for training (SDPA attention, no KV cache)."""
+    hf = to_hf(model)
+    hf.config.use_cache = False
+    assert hf.config._attn_implementation == "sdpa", hf.config._attn_implementation
     assert sum(p.numel() for p in hf.parameters()) == sum(p.numel() for p in model.parameters())
     return hf
 
@@ -487,7 +440,7 @@ def main() -> None:
     # TRL reads the chats in the order of lmpipe's padded batches: batch i is the same.
     order = [e for i in range(total) for row in samplers[padded].step_rows(i) for e in row]
     chats = records(data)
-    hf = llama_like(base, tokenizer)
+    hf = llama_like(base)
     callback = make_interleaver(contenders, args.warmup, args.chunk)
     trl = trl_sft_trainer(
         args, hf, tokenizer, [chats[e] for e in order], total, callback, run_dir / "trl"
