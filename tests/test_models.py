@@ -150,3 +150,37 @@ def test_a_packed_row_scores_like_its_segments_one_by_one(layout):
             packed_nll[start : start + len(ids)], alone, atol=1e-5, rtol=1e-5
         )
         start += len(ids)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_packed_segments_match_one_by_one_in_values_and_gradients(causal):
+    """Segments of lengths around the SDPA grouping width (PackedSegments), two rows: the
+    packed pass gives each segment's hidden states, and its backward the summed gradients,
+    of the segments run alone (bidirectional attention too, as diffusion uses)."""
+    backbone = tiny_ar(block_size=96).backbone.eval()
+    rows = [[3, 31, 33, 29], [64, 1, 31]]  # each row: 96 tokens, the last segment padding
+    ids = torch.randint(0, 37, (2, 96))
+    segment_ids = torch.cat(
+        [torch.cat([torch.full((n,), s) for s, n in enumerate(row)])[None] for row in rows]
+    )
+    weights = torch.randn(2, 96, 32)  # a loss that reads every hidden state
+
+    def loss_and_grads(hidden, w):
+        backbone.zero_grad()
+        (hidden * w).sum().backward()
+        return {k: p.grad.clone() for k, p in backbone.named_parameters()}
+
+    packed = backbone.hidden_states(ids, causal=causal, segment_ids=segment_ids)
+    packed_grads = loss_and_grads(packed, weights)
+    alone_grads = {k: torch.zeros_like(p) for k, p in backbone.named_parameters()}
+    for r, row in enumerate(rows):
+        start = 0
+        for n in row:
+            span = slice(start, start + n)
+            alone = backbone.hidden_states(ids[r : r + 1, span], causal=causal)
+            torch.testing.assert_close(packed[r, span], alone[0], atol=1e-5, rtol=1e-5)
+            for k, g in loss_and_grads(alone, weights[r : r + 1, span]).items():
+                alone_grads[k] += g
+            start += n
+    for k, g in packed_grads.items():
+        torch.testing.assert_close(g, alone_grads[k], atol=1e-5, rtol=1e-4, msg=k)

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lmpipe.errors import ConfigError
+from lmpipe.models.segments import PackedSegments
 
 MLP_KINDS = ("swiglu", "gelu")
 NORM_KINDS = ("rmsnorm", "layernorm")
@@ -95,9 +96,13 @@ def rope_tables(config: TransformerConfig) -> tuple[Tensor, Tensor]:
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate the two halves of ``x``'s last dimension (rotate-half layout); ``cos``/``sin``
+    broadcast against ``x``. Written on the halves: fewer passes over memory than
+    ``x * cos + rotate_half(x) * sin``."""
     half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
+    x1, x2 = x[..., :half], x[..., half:]
+    cos, sin = cos[..., :half].to(x.dtype), sin[..., :half].to(x.dtype)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
 
 class KVCache:
@@ -137,31 +142,52 @@ class Attention(nn.Module):
         rope: tuple[Tensor, Tensor] | None,
         causal: bool,
         cache: KVCache | None,
-        mask: Tensor | None = None,
+        segments: PackedSegments | None = None,
     ) -> Tensor:
+        """``rope``: cos/sin at the positions of ``x``'s tokens: (T, head_dim), or for
+        packed rows (B, T, 1, head_dim)."""
         B, T, C = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
+        qkv = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head)
+        if segments is None:  # (B, heads, T, head_dim), as SDPA takes them
+            q, k, v = qkv.permute(2, 0, 3, 1, 4)
+        else:  # token-major (B, T, heads, head_dim): packed rows are regrouped by token
+            q, k, v = qkv.unbind(2)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if segments is None:
+            y = self.attend(q, k, v, causal, cache).transpose(1, 2)
+        else:
+            y = segments.attend(
+                lambda *qkv, key_mask: self.attend(*qkv, causal, None, key_mask), q, k, v
+            )
+        return self.resid_dropout(self.proj(y.reshape(B, T, C)))
+
+    def attend(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        causal: bool,
+        cache: KVCache | None,
+        key_mask: Tensor | None = None,
+    ) -> Tensor:
+        """Queries, keys and values (N, heads, L, head_dim) of N sequences -> the same shape."""
         is_causal = causal
         if cache is not None:
             first = cache.length == 0
             k, v = cache.update(self.layer, k, v)
             # Prefill of an empty cache is an ordinary (causal) pass; a single new token
             # attends to everything cached; longer chunks after a prefix are not needed.
-            assert first or T == 1, "KV cache supports prefill then one token at a time"
+            assert first or q.shape[2] == 1, "KV cache supports prefill then one token at a time"
             is_causal = causal and first
-        if mask is not None:  # packed segments: the mask already holds causality
-            is_causal = False
-        y = F.scaled_dot_product_attention(
+        return F.scaled_dot_product_attention(
             q,
             k,
             v,
-            attn_mask=mask,
+            attn_mask=key_mask,
             is_causal=is_causal,
             dropout_p=self.dropout if self.training else 0.0,
         )
-        return self.resid_dropout(self.proj(y.transpose(1, 2).reshape(B, T, C)))
 
 
 class MLP(nn.Module):
@@ -191,8 +217,8 @@ class Block(nn.Module):
         self.norm2 = _norm(config)
         self.mlp = MLP(config)
 
-    def forward(self, x, rope, causal, cache, mask=None):
-        x = x + self.attn(self.norm1(x), rope, causal, cache, mask)
+    def forward(self, x, rope, causal, cache, segments=None):
+        x = x + self.attn(self.norm1(x), rope, causal, cache, segments)
         return x + self.mlp(self.norm2(x))
 
 
@@ -253,25 +279,24 @@ class Transformer(nn.Module):
             raise ValueError(
                 f"sequence of {start + T} tokens exceeds block_size {self.config.block_size}"
             )
-        mask = None
+        positions = torch.arange(start, start + T, device=idx.device)
+        segments = None
         if segment_ids is not None:
             if cache is not None:
                 raise ValueError("packed segments and a KV cache cannot be combined")
+            segments = PackedSegments(segment_ids, causal)
             positions = segment_positions(segment_ids)
-            mask = segment_mask(segment_ids, causal)
-        else:
-            positions = torch.arange(start, start + T, device=idx.device)
         x = self.tok_emb(idx)
         rope = None
         if self.pos_emb is not None:
             x = x + self.pos_emb(positions)
         else:
             rope = (self.rope_cos[positions], self.rope_sin[positions])
-            if segment_ids is not None:  # (B, T, D) -> (B, 1, T, D): broadcast over heads
-                rope = (rope[0][:, None], rope[1][:, None])
+            if segments is not None:  # (B, T, D) -> (B, T, 1, D): broadcast over heads
+                rope = (rope[0][:, :, None], rope[1][:, :, None])
         x = self.drop(x)
         for block in self.blocks:
-            x = block(x, rope, causal, cache, mask)
+            x = block(x, rope, causal, cache, segments)
         if cache is not None:
             cache.length += T
         return self.norm_f(x)
@@ -298,12 +323,3 @@ def segment_positions(segment_ids: Tensor) -> Tensor:
     starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
     first = torch.where(starts, index, torch.zeros_like(index)).cummax(dim=1).values
     return index - first
-
-
-def segment_mask(segment_ids: Tensor, causal: bool) -> Tensor:
-    """(B, 1, T, T) boolean attention mask: same segment (and not in the future if causal)."""
-    mask = segment_ids[:, :, None] == segment_ids[:, None, :]
-    if causal:
-        T = segment_ids.shape[1]
-        mask &= torch.ones(T, T, dtype=torch.bool, device=segment_ids.device).tril()
-    return mask[:, None]
