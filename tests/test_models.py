@@ -184,3 +184,22 @@ def test_packed_segments_match_one_by_one_in_values_and_gradients(causal):
             start += n
     for k, g in packed_grads.items():
         torch.testing.assert_close(g, alone_grads[k], atol=1e-5, rtol=1e-4, msg=k)
+
+
+def test_packed_batches_of_new_layouts_do_not_recompile_the_model():
+    """PackedSegments runs outside torch.compile: a batch whose segments are grouped
+    differently reuses the compiled graphs instead of compiling them again."""
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    backbone = torch.compile(tiny_ar(block_size=96).backbone, backend=counter)
+    ids = torch.randint(0, 37, (2, 96))
+    frames = []
+    for rows in ([[40, 56], [96]], [[3, 31, 33, 29], [64, 1, 31]], [[10] * 9 + [6], [50, 46]]):
+        segment_ids = torch.cat(
+            [torch.cat([torch.full((n,), s) for s, n in enumerate(row)])[None] for row in rows]
+        )
+        backbone(ids, causal=True, segment_ids=segment_ids).sum().backward()
+        frames.append(counter.frame_count)
+    assert frames[0] > 0 and frames[1] == frames[0] == frames[2]

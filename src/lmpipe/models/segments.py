@@ -37,8 +37,11 @@ class PackedSegments:
     Padding after a segment (up to its group's width) repeats the segment's last token.
     With causal attention no real token ever sees it; without, ``key_mask`` hides it.
     The outputs at padded positions are dropped, so they get no gradient either.
+    Under ``torch.compile`` it runs eagerly (the model around it stays compiled): its
+    groups change with every batch and would recompile the model at every step.
     """
 
+    @torch.compiler.disable
     def __init__(self, segment_ids: Tensor, causal: bool, bucket: int = SEGMENT_BUCKET):
         B, T = segment_ids.shape
         device = segment_ids.device
@@ -67,6 +70,7 @@ class PackedSegments:
         self.gather = torch.cat(gather)  # per-segment layout <- packed rows
         self.scatter = scatter  # packed rows <- per-segment layout
 
+    @torch.compiler.disable
     def attend(self, attention: Callable[..., Tensor], *inputs: Tensor) -> Tensor:
         """Queries, keys, values (B, T, heads, head_dim) -> attention output, the same
         shape: ``attention(q, k, v, key_mask=...)`` runs once per group, on (count, heads,
