@@ -2,8 +2,8 @@
 
 A packed row holds several sequences one after another, told apart by segment ids. One
 SDPA call over the whole row with a block-diagonal mask is exact but slow: the fused
-kernels (CPU flash, CUDA memory-efficient) compute every block of the mask, masked
-ones included, so a row of 512 tokens costs 512^2 however short its segments are.
+kernel (CPU flash; measured in benchmarks/sft.py) computes every block of the mask,
+masked ones included, so a row of 512 tokens costs 512^2 however short its segments are.
 Here every segment becomes a sequence of its own that starts at position 0, and the
 segments whose lengths round up to the same multiple of ``SEGMENT_BUCKET`` are stacked
 into one SDPA call. The cost is then about the sum of the segments' squared lengths,
@@ -22,6 +22,20 @@ from torch import Tensor
 # wastes less on padding but makes more calls. 32 was the fastest of 8 to 128 for the
 # GSM8K chats (benchmarks/sft.py) on CPU.
 SEGMENT_BUCKET = 32
+
+
+def segment_starts(segment_ids: Tensor) -> Tensor:
+    """(B, T) boolean: True where a segment begins (each row's first token and every change)."""
+    starts = torch.ones_like(segment_ids, dtype=torch.bool)
+    starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+    return starts
+
+
+def segment_positions(segment_ids: Tensor) -> Tensor:
+    """Position of every token within its segment: 0, 1, ... restarting at each change."""
+    index = torch.arange(segment_ids.shape[1], device=segment_ids.device).expand_as(segment_ids)
+    first = torch.where(segment_starts(segment_ids), index, 0).cummax(dim=1).values
+    return index - first
 
 
 @dataclass(frozen=True)
@@ -45,9 +59,9 @@ class PackedSegments:
     def __init__(self, segment_ids: Tensor, causal: bool, bucket: int = SEGMENT_BUCKET):
         B, T = segment_ids.shape
         device = segment_ids.device
-        starts = torch.ones(B, T, dtype=torch.bool, device=device)
-        starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
-        first = starts.reshape(-1).nonzero().squeeze(1)  # flat index of each segment's start
+        first = (
+            segment_starts(segment_ids).reshape(-1).nonzero().squeeze(1)
+        )  # flat index of each segment's start
         lengths = torch.diff(first, append=first.new_tensor([B * T]))
         widths = ((lengths + bucket - 1) // bucket * bucket).clamp(max=T)
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lmpipe.errors import ConfigError
-from lmpipe.models.segments import PackedSegments
+from lmpipe.models.segments import PackedSegments, segment_positions
 
 MLP_KINDS = ("swiglu", "gelu")
 NORM_KINDS = ("rmsnorm", "layernorm")
@@ -313,13 +313,3 @@ class Transformer(nn.Module):
         return self.lm_head(
             self.hidden_states(idx, causal=causal, cache=cache, segment_ids=segment_ids)
         )
-
-
-def segment_positions(segment_ids: Tensor) -> Tensor:
-    """Position of every token within its segment: 0, 1, ... restarting at each change."""
-    T = segment_ids.shape[1]
-    index = torch.arange(T, device=segment_ids.device).expand_as(segment_ids)
-    starts = torch.ones_like(segment_ids, dtype=torch.bool)
-    starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
-    first = torch.where(starts, index, torch.zeros_like(index)).cummax(dim=1).values
-    return index - first
