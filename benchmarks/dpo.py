@@ -24,8 +24,8 @@ ground-truth solution, rejected = an incorrect model solution), rows of ``block 
   hyperparameters (weight decay 0, constant LR), grad clipping 1.0, fp32, CPU, no
   gradient checkpointing (TRL's default is on), no eval, saving or logging.
 - ``precompute_ref`` rows: lmpipe's ``DPO(precompute_ref=True)`` with the reference's
-  log-probs attached to the batches once (``Trainer.attach_reference_logps`` ->
-  ``EpisodeSampler.attach_reference``) against TRL's ``precompute_ref_log_probs=True``;
+  log-probs computed once in ``DPO.setup`` (every training pair, through the sampler's
+  ``every_example``) against TRL's ``precompute_ref_log_probs=True``;
   the policy is the only model in memory and precomputing is not in the step time.
 
 Each side runs in a child process of its own, ``--rounds`` times, the sides taking turns,
@@ -42,6 +42,7 @@ steps above the RSS when they start (what a step allocates and frees again).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import gc
 import json
@@ -56,7 +57,8 @@ import numpy as np
 import torch
 
 from lmpipe.data.samplers import EpisodeOptions, Episodes, EpisodeSampler
-from lmpipe.objectives.dpo import DPO, sequence_logps
+from lmpipe.objectives.base import ObjectiveContext
+from lmpipe.objectives.dpo import DPO
 from sft import (
     ROOT,
     hf_tokenizer,
@@ -102,12 +104,21 @@ def run_lmpipe(args, data, episodes, sampler, base, precompute: bool, total: int
     trainer = lmpipe_trainer(
         base, objective, sampler, data, args.batch, args.block, lmpipe_optim(args.lr), run_dir
     )
-    if precompute:
-        # The policy is still the reference: score every pair once, keep one model.
-        trainer.attach_reference_logps(base, sequence_logps)
-    else:
-        reference = copy.deepcopy(base).requires_grad_(False).eval()
-        objective.reference = reference
+    # The reference is a frozen copy of the starting policy; precomputed, it scores every
+    # pair once and is dropped, leaving one model in memory.
+    objective.setup(
+        ObjectiveContext(
+            device=torch.device("cpu"),
+            autocast=contextlib.nullcontext,
+            tokenizer=data.tokenizer,
+            model=base,
+            examples=sampler,
+            val_sets={},
+            micro_batch_size=args.batch,
+            seed=0,
+            starting_model=lambda: copy.deepcopy(base).requires_grad_(False).eval(),
+        )
+    )
     batches = [sampler.batch(i) for i in range(total)]
     times, metrics = [], {}
     for i in range(total):
@@ -115,7 +126,7 @@ def run_lmpipe(args, data, episodes, sampler, base, precompute: bool, total: int
             ready = memory_kib("VmRSS")
             reset_peak_memory()
         t0 = time.perf_counter()
-        metrics = trainer.train_step(batches[i])
+        metrics, _ = trainer.train_step(batches[i])
         if i >= args.warmup:
             times.append(time.perf_counter() - t0)
     return {

@@ -37,7 +37,7 @@ def perfect_backbone(clean_ids, favourite=None):
     """A stand-in backbone whose logits put a huge margin on the clean token (and, if
     ``favourite`` is given, an even larger one on that token id)."""
 
-    def backbone(ids, *, causal, segment_ids=None):
+    def backbone(ids, *, causal, segment_ids=None, left_pad=None):
         assert not causal
         logits = 50.0 * F.one_hot(clean_ids[:, : ids.shape[1]], VOCAB).float()
         if favourite is not None:

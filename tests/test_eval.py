@@ -125,16 +125,17 @@ class Scripted(torch.nn.Module):
     """Stands in for an LM: replies to each prompt it knows with a scripted token list."""
 
     arch = "scripted"
+    streams = False
 
     def __init__(self, replies: dict[tuple[int, ...], list[int]]):
         super().__init__()
         self.replies = replies
         self.config = SimpleNamespace(block_size=4096)
 
-    def generate(self, prompt_ids, max_new_tokens, *, eos_id, **sampling):
+    def generate(self, prompt_ids, max_new_tokens, *, eos_id, left_pad, **sampling):
         rows = [
-            row + (self.replies[tuple(row)] + [eos_id] * max_new_tokens)[:max_new_tokens]
-            for row in prompt_ids.tolist()
+            row + (self.replies[tuple(row[pad:])] + [eos_id] * max_new_tokens)[:max_new_tokens]
+            for row, pad in zip(prompt_ids.tolist(), left_pad.tolist(), strict=True)
         ]
         return torch.tensor(rows)
 

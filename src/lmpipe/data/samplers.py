@@ -8,20 +8,22 @@ checkpoint, where resume checks it against the data it finds.
 - ``WindowSampler``: fixed-length windows at random offsets of the token stream
   (pretraining, mid-training);
 - ``EpisodeSampler``: whole episodes (one conversation, or one chosen/rejected pair),
-  epoch by epoch in a seeded order, padded or packed (SFT, DPO).
+  epoch by epoch in a seeded order, padded or packed (SFT, DPO);
+- ``PromptSampler``: prompts with their references, epoch by epoch, left-padded (RL).
 """
 
 from __future__ import annotations
 
 import bisect
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from lmpipe.batch import Batch
+from lmpipe.batch import Batch, PromptBatch, left_padded
+from lmpipe.data.prompts import Prompt
 from lmpipe.data.shards import TokenShards
 from lmpipe.errors import ConfigError, DataError
 from lmpipe.seeding import derive_seed
@@ -101,26 +103,51 @@ def eval_windows(
 
 
 @dataclass(frozen=True)
-class EpisodeOptions:
-    """How episodes become rows (``sampler`` config group keys)."""
+class EpochOptions:
+    """The order of examples over epochs (``sampler`` config group keys)."""
 
     epoch_seed: int
     epoch_shuffle: bool
     epoch_drop_last: bool
-    episode_min_tokens: int
-    packing: bool
 
     @classmethod
-    def from_dict(cls, values: dict) -> EpisodeOptions:
+    def from_dict(cls, values: dict):
         missing = [k for k in cls.__dataclass_fields__ if k not in values]
         if missing:
             raise ConfigError(f"sampler config is missing {', '.join(missing)}")
         options = cls(**{k: values[k] for k in cls.__dataclass_fields__})
-        if not isinstance(options.episode_min_tokens, int) or options.episode_min_tokens < 0:
-            raise ConfigError(
-                f"sampler.episode_min_tokens={options.episode_min_tokens!r} must be an integer >= 0"
-            )
+        options.check()
         return options
+
+    def check(self) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class EpisodeOptions(EpochOptions):
+    """How episodes become rows."""
+
+    episode_min_tokens: int
+    packing: bool
+
+    def check(self) -> None:
+        if not isinstance(self.episode_min_tokens, int) or self.episode_min_tokens < 0:
+            raise ConfigError(
+                f"sampler.episode_min_tokens={self.episode_min_tokens!r} must be an integer >= 0"
+            )
+
+
+@dataclass(frozen=True)
+class PromptOptions(EpochOptions):
+    """How prompts become batches."""
+
+    max_prompt_tokens: int
+
+    def check(self) -> None:
+        if not isinstance(self.max_prompt_tokens, int) or self.max_prompt_tokens < 1:
+            raise ConfigError(
+                f"sampler.max_prompt_tokens={self.max_prompt_tokens!r} must be an integer >= 1"
+            )
 
 
 class Episodes:
@@ -199,73 +226,42 @@ def pack_best_fit(items: list[int], sizes: list[int], capacity: int) -> list[tup
     return [tuple(row) for row in rows]
 
 
-class EpisodeSampler:
-    """Episode-indexed batches: each epoch visits every kept episode exactly once.
+class EpochSampler:
+    """Examples epoch by epoch: each epoch visits every kept example exactly once.
 
     The epoch order is a permutation seeded by ``(epoch_seed, epoch)`` (or the data order
-    without shuffling); ``rows`` examples per step over all ranks, each rank taking its
-    slice. An incomplete last batch of an epoch is dropped (``epoch_drop_last``) or kept
-    as a smaller batch. Padding puts one episode document per row, padded to the
-    batch's longest; packing fills rows of ``row_length`` with the epoch's episodes by
-    best-fit decreasing (``pack_best_fit``), then shuffles the rows; segment ids keep the
-    episodes of a row apart. With ``pad_id`` padding has loss 0; an architecture that learns
-    to stop by predicting EOS in the padding (``pads_with_eos``) pads with EOS, trained.
+    without shuffling); ``rows`` rows per step over all ranks, each rank taking its slice.
+    An incomplete last batch of an epoch is dropped (``epoch_drop_last``) or kept as a
+    smaller batch. Subclasses say what a row holds (``_rows_of``) and make the batch.
     """
 
     def __init__(
-        self,
-        episodes: Episodes,
-        rows: int,
-        options: EpisodeOptions,
-        *,
-        pad_id: int,
-        eos_id: int | None = None,
-        rank: int = 0,
-        world_size: int = 1,
+        self, kept: np.ndarray, rows: int, options: EpisodeOptions, rank: int, world_size: int
     ):
-        self.episodes = episodes
+        self.kept = kept
         self.rows = rows
         self.options = options
-        self.pad_id = pad_id
-        self.eos_id = eos_id  # set: pad with EOS and train on it
         self.rank = rank
         self.world_size = world_size
         self._plans: dict[int, list[tuple[int, ...]]] = {}
-        self.reference: torch.Tensor | None = None  # (episodes, docs) precomputed values
         if not options.epoch_drop_last and world_size > 1:
             raise ConfigError("sampler.epoch_drop_last=false needs a single rank (equal batches)")
-        if options.packing and episodes.starts.shape[1] != 1:
-            raise ConfigError(
-                "sampler.packing=true is for single-document episodes (SFT), not pairs"
-            )
-        if self.steps_in_epoch(0) == 0:
-            raise DataError(
-                f"{len(episodes.kept)} usable episodes cannot fill one batch of {rows} "
-                f"(dropped: {dict(episodes.dropped) or 'none'})"
-            )
 
-    # --- the plan -------------------------------------------------------------------
+    def _rows_of(self, order: np.ndarray, rng: np.random.Generator | None) -> list[tuple[int, ...]]:
+        """An epoch's examples in visiting order -> its rows (tuples of example ids)."""
+        return [(int(e),) for e in order]
+
     def _epoch_rows(self, epoch: int) -> list[tuple[int, ...]]:
-        """The epoch's rows: each a tuple of episode ids (one, or several when packing)."""
         if epoch not in self._plans:
             if len(self._plans) > 4:  # a resumed or long run only ever needs the recent ones
                 self._plans.clear()
-            self._plans[epoch] = self._plan_epoch(epoch)
+            rng = None
+            order = self.kept
+            if self.options.epoch_shuffle:
+                rng = np.random.default_rng(derive_seed(self.options.epoch_seed, "epoch", epoch))
+                order = order[rng.permutation(len(order))]
+            self._plans[epoch] = self._rows_of(order, rng)
         return self._plans[epoch]
-
-    def _plan_epoch(self, epoch: int) -> list[tuple[int, ...]]:
-        kept = self.episodes.kept
-        if self.options.epoch_shuffle:
-            rng = np.random.default_rng(derive_seed(self.options.epoch_seed, "epoch", epoch))
-            kept = kept[rng.permutation(len(kept))]
-        if not self.options.packing:
-            return [(int(e),) for e in kept]
-        rows = pack_best_fit(
-            kept.tolist(), [self.episodes.tokens(int(e)) for e in kept], self.episodes.row_length
-        )
-        if self.options.epoch_shuffle:  # BFD fills long episodes first: mix the rows again
-            rows = [rows[i] for i in rng.permutation(len(rows))]
-        return rows
 
     def steps_in_epoch(self, epoch: int) -> int:
         rows = len(self._epoch_rows(epoch))
@@ -282,45 +278,137 @@ class EpisodeSampler:
         return {"kind": "episodes", "step": step, "epoch": epoch, "batch_in_epoch": index}
 
     def step_rows(self, step: int) -> list[tuple[int, ...]]:
-        """The rows (episode ids) of the whole step, all ranks; the last batch of an epoch
+        """The rows (example ids) of the whole step, all ranks; the last batch of an epoch
         is smaller when ``epoch_drop_last`` is off."""
         where = self.position(step)
         first = where["batch_in_epoch"] * self.rows
         return self._epoch_rows(where["epoch"])[first : first + self.rows]
 
+    def _my_rows(self, rows: list[tuple[int, ...]]) -> list[tuple[int, ...]]:
+        per_rank = self.rows // self.world_size
+        return rows[self.rank * per_rank : (self.rank + 1) * per_rank]
+
+
+class EpisodeSampler(EpochSampler):
+    """Episode-indexed batches (SFT, DPO): padding puts one episode document per row,
+    padded to the batch's longest; packing fills rows of ``row_length`` with the epoch's
+    episodes by best-fit decreasing (``pack_best_fit``), then shuffles the rows; segment
+    ids keep the episodes of a row apart. With ``pad_id`` padding has loss 0; an
+    architecture that learns to stop by predicting EOS in the padding (``pads_with_eos``)
+    pads with EOS, trained.
+    """
+
+    def __init__(
+        self,
+        episodes: Episodes,
+        rows: int,
+        options: EpisodeOptions,
+        *,
+        pad_id: int,
+        eos_id: int | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
+        super().__init__(episodes.kept, rows, options, rank, world_size)
+        self.episodes = episodes
+        self.pad_id = pad_id
+        self.eos_id = eos_id  # set: pad with EOS and train on it
+        if options.packing and episodes.starts.shape[1] != 1:
+            raise ConfigError(
+                "sampler.packing=true is for single-document episodes (SFT), not pairs"
+            )
+        if self.steps_in_epoch(0) == 0:
+            raise DataError(
+                f"{len(episodes.kept)} usable episodes cannot fill one batch of {rows} "
+                f"(dropped: {dict(episodes.dropped) or 'none'})"
+            )
+
+    def _rows_of(self, order, rng) -> list[tuple[int, ...]]:
+        if not self.options.packing:
+            return super()._rows_of(order, rng)
+        rows = pack_best_fit(
+            order.tolist(), [self.episodes.tokens(int(e)) for e in order], self.episodes.row_length
+        )
+        if rng is not None:  # BFD fills long episodes first: mix the rows again
+            rows = [rows[i] for i in rng.permutation(len(rows))]
+        return rows
+
     def batch(self, step: int) -> Batch:
         rows = self.step_rows(step)
-        per_rank = self.rows // self.world_size
-        mine = rows[self.rank * per_rank : (self.rank + 1) * per_rank]
-        batch = collate_episodes(
-            self.episodes,
-            mine,
-            packing=self.options.packing,
-            pad_id=self.pad_id,
-            eos_id=self.eos_id,
-        )
+        mine = self._my_rows(rows)
+        batch = self._collate(mine, packing=self.options.packing)
         batch.episode_ids = [e for row in rows for e in row]
-        if self.reference is not None:
-            batch.ref_logps = self.reference[[e for row in mine for e in row]].flatten()
         return batch
 
-    def attach_reference(self, score: Callable[[Batch], torch.Tensor], examples: int) -> None:
-        """Score every kept episode once (``score(batch) -> (rows,)``, e.g. a frozen
-        reference model's log-probs); later batches carry the values as ``ref_logps``."""
-        docs = self.episodes.starts.shape[1]
-        table = torch.zeros(len(self.episodes.starts), docs)
+    def every_example(self, examples_per_batch: int) -> Iterator[Batch]:
+        """Every kept episode once, in data order, unpacked (e.g. to precompute values)."""
         kept = self.episodes.kept.tolist()
-        for i in range(0, len(kept), examples):
-            chunk = kept[i : i + examples]
-            batch = collate_episodes(
-                self.episodes,
-                [(e,) for e in chunk],
-                packing=False,
-                pad_id=self.pad_id,
-                eos_id=self.eos_id,
+        for i in range(0, len(kept), examples_per_batch):
+            yield self._collate([(e,) for e in kept[i : i + examples_per_batch]], packing=False)
+
+    def _collate(self, rows: list[tuple[int, ...]], packing: bool) -> Batch:
+        batch = collate_episodes(
+            self.episodes, rows, packing=packing, pad_id=self.pad_id, eos_id=self.eos_id
+        )
+        batch.example_ids = [e for row in rows for e in row]
+        return batch
+
+
+class PromptSampler(EpochSampler):
+    """Prompts epoch by epoch (RL stages), ``rows`` prompts per step over all ranks, as
+    left-padded ``PromptBatch``es with their references. Prompts longer than
+    ``options.max_prompt_tokens`` are dropped (``dropped`` counts them)."""
+
+    def __init__(
+        self,
+        prompts: list[Prompt],
+        rows: int,
+        options: PromptOptions,
+        *,
+        pad_id: int,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
+        kept = [i for i, p in enumerate(prompts) if len(p.ids) <= options.max_prompt_tokens]
+        super().__init__(np.asarray(kept, dtype=np.int64), rows, options, rank, world_size)
+        self.prompts = prompts
+        self.pad_id = pad_id
+        self.dropped = Counter()
+        if len(kept) < len(prompts):
+            self.dropped["longer_than_max_prompt_tokens"] = len(prompts) - len(kept)
+        if self.steps_in_epoch(0) == 0:
+            raise DataError(
+                f"{len(kept)} usable prompts cannot fill one batch of {rows} "
+                f"(dropped: {dict(self.dropped) or 'none'}; sampler.max_prompt_tokens="
+                f"{options.max_prompt_tokens})"
             )
-            table[chunk] = score(batch).view(len(chunk), docs)
-        self.reference = table
+
+    def batch(self, step: int) -> PromptBatch:
+        rows = self.step_rows(step)
+        batch = collate_prompts(
+            self.prompts, [e for row in self._my_rows(rows) for e in row], self.pad_id
+        )
+        batch.episode_ids = [e for row in rows for e in row]
+        return batch
+
+    def every_example(self, examples_per_batch: int) -> Iterator[PromptBatch]:
+        kept = self.kept.tolist()
+        for i in range(0, len(kept), examples_per_batch):
+            yield collate_prompts(self.prompts, kept[i : i + examples_per_batch], self.pad_id)
+
+
+def collate_prompts(prompts: list[Prompt], ids: list[int], pad_id: int) -> PromptBatch:
+    """The prompts ``ids`` (indices into ``prompts``) as one left-padded batch."""
+    chosen = [prompts[i] for i in ids]
+    input_ids, left_pad = left_padded([p.ids for p in chosen], pad_id)
+    return PromptBatch(
+        input_ids=input_ids,
+        loss_mask=torch.zeros(input_ids.shape),
+        left_pad=left_pad,
+        real_tokens=sum(len(p.ids) for p in chosen),
+        example_ids=list(ids),
+        references=[p.reference for p in chosen],
+    )
 
 
 def collate_episodes(

@@ -10,12 +10,14 @@ tasks       answer accuracy of greedy replies
 runner      evaluate_checkpoint, comparison_table (the public API)
 """
 
-from lmpipe.eval.runner import (
-    METRIC_NAMES,
-    METRICS,
-    comparison_table,
-    evaluate_checkpoint,
-    write_results,
-)
-
 __all__ = ["METRICS", "METRIC_NAMES", "comparison_table", "evaluate_checkpoint", "write_results"]
+
+
+def __getattr__(name: str):
+    """The runner's API, imported on first use: ``lmpipe.eval.answers`` and the other
+    small modules stay importable without it (objectives use them)."""
+    if name in __all__:
+        from lmpipe.eval import runner
+
+        return getattr(runner, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,19 +1,20 @@
 """Completing prompts with any architecture: batched for evaluation, streamed for a terminal.
 
 A completion ends before the first of ``stop_ids`` (the chat template's turn end for a
-chat, EOS for text); ``stop_ids[0]`` is the token the model stops at. Batches hold prompts
-of one token length, so no padding (and no attention mask) is needed.
+chat, EOS for text); ``stop_ids[0]`` is the token the model stops at. Prompts of different
+lengths share a batch left-padded (the LM seam's ``left_pad``); batches hold prompts of
+similar lengths, so little is padding.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from itertools import takewhile
 
 import torch
 from tqdm.auto import tqdm
 
+from lmpipe.batch import left_padded
 from lmpipe.errors import ConfigError
 from lmpipe.models import LM
 
@@ -23,7 +24,7 @@ def prompt_budget(model: LM, max_new_tokens: int) -> int:
     model that streams (AR) slides its window and keeps a full block; one that writes the
     whole sequence at once (diffusion) keeps what the new tokens leave of the block."""
     block = model.config.block_size
-    if hasattr(model, "stream"):
+    if model.streams:
         return block
     if max_new_tokens >= block:
         raise ConfigError(
@@ -56,28 +57,23 @@ def complete(
     ``temperature`` 0 is greedy and deterministic."""
     budget = prompt_budget(model, max_new_tokens)
     prompts = [p[-budget:] for p in prompts]
-    by_length: dict[int, list[int]] = defaultdict(list)
-    for index, ids in enumerate(prompts):
-        by_length[len(ids)].append(index)
-    chunks = [
-        group[i : i + batch_size]
-        for group in by_length.values()
-        for i in range(0, len(group), batch_size)
-    ]
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    chunks = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     generator = torch.Generator(device).manual_seed(seed)
     completions: list[list[int]] = [[] for _ in prompts]
     for chunk in tqdm(chunks, desc="generate", unit=" batch", disable=None if progress else True):
-        batch = torch.tensor([prompts[i] for i in chunk], device=device)
+        ids, left_pad = left_padded([prompts[i] for i in chunk], pad_id=0)  # never attended
         out = model.generate(
-            batch,
+            ids.to(device),
             max_new_tokens,
             temperature=temperature,
             top_k=top_k,
             top_p=top_p,
             eos_id=stop_ids[0],
             generator=generator,
+            left_pad=left_pad.to(device),
         )
-        for index, row in zip(chunk, out[:, batch.shape[1] :].tolist(), strict=True):
+        for index, row in zip(chunk, out[:, ids.shape[1] :].tolist(), strict=True):
             completions[index] = _until_stop(row, stop_ids)
     return completions
 
@@ -106,7 +102,7 @@ def stream_completion(
         "generator": torch.Generator(device).manual_seed(seed),
     }
     # Both are no_grad themselves (a ``with no_grad`` here would leak out at each yield).
-    if hasattr(model, "stream"):
+    if model.streams:
         tokens: Iterator[int] = (int(t[0]) for t in model.stream(ids, max_new_tokens, **sampling))
     else:
         tokens = iter(model.generate(ids, max_new_tokens, **sampling)[0, len(prompt) :].tolist())

@@ -13,25 +13,12 @@ Both take the first ``num_samples`` in file order, so every checkpoint sees the 
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
-from itertools import islice
-
 from lmpipe.batch import Batch
 from lmpipe.data.prepare import PreparedData
+from lmpipe.data.prompts import Prompt, read_prompts
 from lmpipe.data.samplers import Episodes, eval_episodes, eval_windows
 from lmpipe.errors import DataError
 from lmpipe.models import LM
-
-# A text document is continued from its first tokens: at most this many, and at most half.
-TEXT_PROMPT_TOKENS = 32
-
-
-@dataclass(frozen=True)
-class Prompt:
-    ids: list[int]  # what the model continues
-    text: str  # the prompt as a reader sees it (for the samples file)
-    reference: str | None  # the held-out continuation
 
 
 def scoring_batches(
@@ -85,36 +72,8 @@ def completion_stops(data: PreparedData) -> tuple[int, ...]:
 
 
 def heldout_prompts(data: PreparedData, num_samples: int) -> list[Prompt]:
-    """The first ``num_samples`` validation records as prompts: chats end with the chat
-    template's generation prompt; text documents are cut after their first tokens."""
-    fmt = data.manifest["format"]
-    tokenizer = data.tokenizer
-    prompts = []
-    with (data.directory / "mixed_val.jsonl").open(encoding="utf-8") as fh:
-        for line in islice(fh, num_samples):
-            record = json.loads(line)
-            if fmt == "text":
-                prompts.append(_text_prompt(record["text"], data))
-                continue
-            if fmt == "chat":
-                messages = record["messages"]
-                last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-                messages, reference = messages[:last], messages[last]["content"]
-            else:
-                messages = record["prompt"]
-                reference = record["answer"] if fmt == "prompt" else record["chosen"]
-            text = tokenizer.render_chat(messages, add_generation_prompt=True)
-            prompts.append(Prompt(tokenizer.encode(text), text, reference))
+    """The first ``num_samples`` validation records as prompts (``read_prompts``)."""
+    prompts = read_prompts(data, "val", num_samples)
     if not prompts:
         raise DataError(f"{data.directory}: the validation split has no records")
     return prompts
-
-
-def _text_prompt(text: str, data: PreparedData) -> Prompt:
-    tokenizer = data.tokenizer
-    ids = tokenizer.encode(text)
-    cut = min(TEXT_PROMPT_TOKENS, len(ids) // 2)
-    # Documents follow EOS in the token stream, so EOS + prefix is "a document starting so".
-    return Prompt(
-        [tokenizer.eos_id, *ids[:cut]], tokenizer.decode(ids[:cut]), tokenizer.decode(ids[cut:])
-    )

@@ -51,7 +51,7 @@ def measure_speed(
         model.generate(ids, max_new_tokens, temperature=0.0)
 
     def first_token() -> None:
-        if hasattr(model, "stream"):
+        if model.streams:
             next(iter(model.stream(one, max_new_tokens, temperature=0.0)))
         else:
             generate(one)

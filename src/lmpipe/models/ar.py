@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lmpipe.batch import Batch
-from lmpipe.models.base import LM, TokenScores
+from lmpipe.models.base import LM, TokenLogps, TokenScores
 from lmpipe.models.sampling import sample_from_logits
 from lmpipe.models.transformer import KVCache
 
@@ -17,24 +17,32 @@ from lmpipe.models.transformer import KVCache
 class ARLM(LM):
     arch = "ar"
     exact_likelihood = True
+    causal = True
+    streams = True
 
     @staticmethod
     def row_length(block_size: int) -> int:
         # One more token than the context, so every input position has a target.
         return block_size + 1
 
-    def forward(self, batch: Batch, *, generator: torch.Generator | None = None) -> TokenScores:
+    def _target_logits(self, batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
+        """Logits at the positions that predict a target token, those positions as a
+        (B, L-1) mask of the shifted grid, and the (B, L-1) targets. The LM head and the
+        log-softmax over the vocabulary run there only: prompts and padding are often half
+        of an SFT, DPO or RL row."""
         ids = batch.input_ids
         segments = batch.segment_ids[:, :-1] if batch.segment_ids is not None else None
-        hidden = self.backbone.hidden_states(ids[:, :-1], causal=True, segment_ids=segments)
-        targets = ids[:, 1:]
+        hidden = self.backbone.hidden_states(
+            ids[:, :-1], causal=True, segment_ids=segments, left_pad=batch.left_pad
+        )
         mask = batch.loss_mask[:, 1:] > 0
         if batch.segment_ids is not None:  # a segment's first token has no context in it
             mask &= batch.segment_ids[:, 1:] == batch.segment_ids[:, :-1]
-        # The LM head and the log-softmax over the vocabulary run at target positions only:
-        # prompts and padding are often half of an SFT or DPO row.
+        return self.backbone.lm_head(hidden[mask]), mask, ids[:, 1:]
+
+    def score(self, batch: Batch, *, generator: torch.Generator | None = None) -> TokenScores:
+        logits, mask, targets = self._target_logits(batch)
         picked = mask.nonzero(as_tuple=True)
-        logits = self.backbone.lm_head(hidden[picked])
         picked_nll = F.cross_entropy(logits.float(), targets[picked], reduction="none")
         nll = picked_nll.new_zeros(targets.shape).index_put(picked, picked_nll)
         correct = torch.zeros_like(mask).index_put(picked, logits.argmax(dim=-1) == targets[picked])
@@ -45,6 +53,16 @@ class ARLM(LM):
             correct=F.pad(correct, (1, 0)),
             scored_mask=F.pad(mask, (1, 0)),
         )
+
+    def token_logps(self, batch: Batch, *, temperature: float = 1.0) -> TokenLogps:
+        """Exact: log-softmax of the logits / temperature at each target token."""
+        logits, mask, targets = self._target_logits(batch)
+        found = self.log_softmax_at(logits, targets[mask], temperature)
+
+        def placed(values: Tensor) -> Tensor:  # (N,) at the target positions of (B, L)
+            return F.pad(values.new_zeros(targets.shape).masked_scatter(mask, values), (1, 0))
+
+        return TokenLogps(placed(found.logps), placed(found.entropy))
 
     @torch.no_grad()
     def stream(
@@ -58,27 +76,34 @@ class ARLM(LM):
         eos_id: int | None = None,
         generator: torch.Generator | None = None,
         use_cache: bool = True,
+        left_pad: Tensor | None = None,
     ) -> Iterator[Tensor]:
         """Yield the next token of every row, (B,), one step at a time.
 
         Rows that produced ``eos_id`` keep yielding it; the stream stops when all rows
         have. When the context fills the model's block, the cache is rebuilt from the
         last half of the context (the uncached path crops to the last block, as nanoGPT).
+        ``left_pad``: prompts of different lengths, left-padded.
         """
         block = self.config.block_size
         seq = prompt_ids
         done = torch.zeros(seq.shape[0], dtype=torch.bool, device=seq.device)
-        cache = None
+        cache = pad = None
         for _ in range(max_new_tokens):
             if not use_cache:
-                logits = self.backbone(seq[:, -block:], causal=True)[:, -1]
+                context, pad = _last(seq, block, left_pad)
+                logits = self.backbone(context, causal=True, left_pad=pad)[:, -1]
             else:
                 if cache is None or cache.length >= block:
                     cache = KVCache(self.config)
-                    context = seq[:, -(block // 2) :] if seq.shape[1] >= block else seq
-                    logits = self.backbone(context, causal=True, cache=cache)[:, -1]
+                    context, pad = _last(
+                        seq, block // 2 if seq.shape[1] >= block else block, left_pad
+                    )
+                    logits = self.backbone(context, causal=True, cache=cache, left_pad=pad)[:, -1]
                 else:
-                    logits = self.backbone(seq[:, -1:], causal=True, cache=cache)[:, -1]
+                    logits = self.backbone(seq[:, -1:], causal=True, cache=cache, left_pad=pad)[
+                        :, -1
+                    ]
             token = sample_from_logits(
                 logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator
             )
@@ -91,9 +116,24 @@ class ARLM(LM):
                 return
 
     @torch.no_grad()
-    def generate(self, prompt_ids: Tensor, max_new_tokens: int, **sampling) -> Tensor:
+    def generate(
+        self,
+        prompt_ids: Tensor,
+        max_new_tokens: int,
+        *,
+        left_pad: Tensor | None = None,
+        **sampling,
+    ) -> Tensor:
         """(B, T) prompt -> (B, T + n) with n <= max_new_tokens (fewer if all rows hit EOS)."""
-        new = list(self.stream(prompt_ids, max_new_tokens, **sampling))
+        new = list(self.stream(prompt_ids, max_new_tokens, left_pad=left_pad, **sampling))
         if not new:
             return prompt_ids
         return torch.cat([prompt_ids, torch.stack(new, dim=1)], dim=1)
+
+
+def _last(seq: Tensor, length: int, left_pad: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """The last ``length`` tokens of every row and what remains of its left padding."""
+    cut = max(0, seq.shape[1] - length)
+    if left_pad is None:
+        return seq[:, cut:], None
+    return seq[:, cut:], (left_pad - cut).clamp(min=0)

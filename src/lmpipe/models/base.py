@@ -1,8 +1,11 @@
 """The LM seam: every architecture is one ``nn.Module`` with the same surface.
 
 Objectives and the Trainer see only this interface, so a new architecture plugs into
-every stage without touching them. ``forward`` is the scoring call (so DDP/FSDP wrappers,
-which hook ``forward``, see it); ``token_nll`` is the DESIGN-level shorthand for it.
+every stage without touching them. ``forward`` is the one call that wrappers (DDP, FSDP,
+``torch.compile``) see, so every training-time computation goes through it and is named
+by ``output``: ``"scores"`` (per-token NLL or NELBO share: pre-training, SFT, DPO),
+``"logps"`` (per-token log-probabilities at a temperature: RL) or ``"features"`` (final
+hidden states: reward and value heads). ``token_nll`` is the DESIGN-level shorthand.
 """
 
 from __future__ import annotations
@@ -28,12 +31,25 @@ class TokenScores:
     scored_mask: Tensor  # bool: positions where a prediction was made (for accuracy)
 
 
+@dataclass
+class TokenLogps:
+    """Per-token log-probabilities of a batch's target tokens; both tensors are (B, L)."""
+
+    logps: Tensor  # log p(token) at the temperature, where loss_mask is 1; zero elsewhere
+    entropy: Tensor  # entropy of the predicted distribution there (detached, for logging)
+
+
+OUTPUTS = ("scores", "logps", "features")
+
+
 class LM(nn.Module):
     arch: ClassVar[str]
     exact_likelihood: ClassVar[bool]
+    causal: ClassVar[bool]  # a position sees only the tokens before it (AR)
     # SFT: pad after a response with EOS (with loss) so the model learns where to stop
     # (LLaDA); the data samplers read this flag.
     pads_with_eos: ClassVar[bool] = False
+    streams: ClassVar[bool] = False  # ``stream`` yields tokens one at a time (KV cache)
 
     def __init__(self, config: TransformerConfig, special_ids: dict[str, int] | None = None):
         super().__init__()
@@ -44,15 +60,60 @@ class LM(nn.Module):
         self.backbone = Transformer(config)
 
     # --- the seam -----------------------------------------------------------------
-    def forward(self, batch: Batch, *, generator: torch.Generator | None = None) -> TokenScores:
+    def forward(
+        self,
+        batch: Batch,
+        *,
+        output: str = "scores",
+        generator: torch.Generator | None = None,
+        temperature: float = 1.0,
+    ) -> TokenScores | TokenLogps | Tensor:
+        """``score(batch, generator)``, ``token_logps(batch, temperature)`` or
+        ``features(batch)``, as ``output`` names it."""
+        if output == "scores":
+            return self.score(batch, generator=generator)
+        if output == "logps":
+            return self.token_logps(batch, temperature=temperature)
+        if output == "features":
+            return self.features(batch)
+        raise ValueError(f"output={output!r} is not one of {', '.join(OUTPUTS)}")
+
+    def score(self, batch: Batch, *, generator: torch.Generator | None = None) -> TokenScores:
+        """Per-token NLL (or NELBO share) of the loss-mask tokens; noise from ``generator``."""
         raise NotImplementedError
 
     def token_nll(self, batch: Batch, *, generator: torch.Generator | None = None) -> Tensor:
         """(B, L) per-token NLL (or NELBO share), zero where ``batch.loss_mask`` is 0."""
         return self(batch, generator=generator).nll
 
+    def token_logps(self, batch: Batch, *, temperature: float = 1.0) -> TokenLogps:
+        """Log-probabilities of the loss-mask tokens under the logits divided by
+        ``temperature`` (as sampling draws them): exact for AR, an estimate for an
+        architecture without a tractable likelihood. Noise, if any, comes from
+        ``batch.noise_seeds`` (one seed per row) so that two calls on the same rows agree."""
+        raise NotImplementedError
+
+    def features(self, batch: Batch) -> Tensor:
+        """(B, L, d_model) final hidden states of the clean rows as the architecture reads
+        them (causal for AR, bidirectional otherwise): what a reward or value head scores."""
+        return self.backbone.hidden_states(
+            batch.input_ids,
+            causal=self.causal,
+            segment_ids=batch.segment_ids,
+            left_pad=batch.left_pad,
+        )
+
     @torch.no_grad()
-    def generate(self, prompt_ids: Tensor, max_new_tokens: int, **sampling) -> Tensor:
+    def generate(
+        self,
+        prompt_ids: Tensor,
+        max_new_tokens: int,
+        *,
+        left_pad: Tensor | None = None,
+        **sampling,
+    ) -> Tensor:
+        """(B, T) prompts -> (B, T + n) with the completions appended. Prompts of
+        different lengths are left-padded, ``left_pad`` (B,) counting the padding."""
         raise NotImplementedError
 
     def arch_options(self) -> dict:
@@ -80,6 +141,15 @@ class LM(nn.Module):
 
     # --- shared helpers -----------------------------------------------------------
     @staticmethod
+    def log_softmax_at(logits: Tensor, targets: Tensor, temperature: float) -> TokenLogps:
+        """(N, V) logits and (N,) targets -> (N,) log-probabilities of the targets at
+        ``temperature`` and the (detached) entropies, in float32."""
+        logp = (logits.float() / temperature).log_softmax(dim=-1)
+        with torch.no_grad():
+            entropy = -(logp.exp() * logp).sum(dim=-1)
+        return TokenLogps(logp.gather(-1, targets[:, None]).squeeze(-1), entropy)
+
+    @staticmethod
     def row_length(block_size: int) -> int:
         """Tokens per training row for a context of ``block_size`` positions."""
         return block_size
@@ -89,3 +159,14 @@ class LM(nn.Module):
         c = self.config
         n = self.backbone.num_params(non_embedding=True)
         return 6 * n + 12 * c.n_layer * c.n_head * c.head_dim * seq_len
+
+
+def unwrap(model: nn.Module) -> LM:
+    """The LM inside its wrappers (DDP's ``module``, ``torch.compile``'s ``_orig_mod``):
+    what generation and checkpoints use."""
+    while not isinstance(model, LM):
+        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if inner is None:
+            raise TypeError(f"{type(model).__name__} wraps no lmpipe LM")
+        model = inner
+    return model

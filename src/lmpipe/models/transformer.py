@@ -4,6 +4,10 @@ Pre-norm decoder blocks: RMSNorm (or LayerNorm), RoPE (or learned positions), SD
 attention, SwiGLU (or GELU) MLP, tied embeddings. The layout with rmsnorm/rope/swiglu is
 Llama's and with layernorm/learned/gelu is GPT-2's, so weights can be compared with HF
 models of either family. ``causal`` is chosen per call: AR uses it, diffusion does not.
+
+Rows of different lengths in one batch are left-padded (``left_pad``: padding tokens at
+the start of each row): padding is never attended to and positions count from each row's
+first real token, so a row computes what it would alone -- with or without a KV cache.
 """
 
 from __future__ import annotations
@@ -105,6 +109,20 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
 
+def padding_mask(left_pad: Tensor, start: int, length: int, causal: bool) -> Tensor:
+    """(B, 1, length, start + length) bool: which keys the queries at positions ``start``
+    to ``start + length`` may see in rows with ``left_pad`` leading padding tokens. A
+    padding query sees itself only, so that no softmax row is empty (its output is unused)."""
+    device = left_pad.device
+    query = torch.arange(start, start + length, device=device)[:, None]
+    key = torch.arange(start + length, device=device)[None, :]
+    real = key[None] >= left_pad[:, None, None]
+    visible = real | (key == query)[None]
+    if causal:
+        visible &= (key <= query)[None]
+    return visible[:, None]
+
+
 class KVCache:
     """Pre-allocated keys/values for incremental decoding, one slot per layer."""
 
@@ -143,9 +161,11 @@ class Attention(nn.Module):
         causal: bool,
         cache: KVCache | None,
         segments: PackedSegments | None = None,
+        attn_mask: Tensor | None = None,
     ) -> Tensor:
-        """``rope``: cos/sin at the positions of ``x``'s tokens: (T, head_dim), or for
-        packed rows (B, T, 1, head_dim)."""
+        """``rope``: cos/sin at the positions of ``x``'s tokens: (T, head_dim), per row
+        (B, 1, T, head_dim), or for packed rows (B, T, 1, head_dim). ``attn_mask``: which
+        keys each query sees (B, 1, T, keys), causality included (left-padded rows)."""
         B, T, C = x.shape
         qkv = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head)
         if segments is None:  # (B, heads, T, head_dim), as SDPA takes them
@@ -155,7 +175,7 @@ class Attention(nn.Module):
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if segments is None:
-            y = self.attend(q, k, v, causal, cache).transpose(1, 2)
+            y = self.attend(q, k, v, causal, cache, attn_mask).transpose(1, 2)
         else:
             y = segments.attend(
                 lambda *qkv, key_mask: self.attend(*qkv, causal, None, key_mask), q, k, v
@@ -171,15 +191,16 @@ class Attention(nn.Module):
         cache: KVCache | None,
         key_mask: Tensor | None = None,
     ) -> Tensor:
-        """Queries, keys and values (N, heads, L, head_dim) of N sequences -> the same shape."""
-        is_causal = causal
+        """Queries, keys and values (N, heads, L, head_dim) of N sequences -> the same shape.
+        A ``key_mask`` already holds causality: the kernel is then told nothing more."""
+        is_causal = causal and key_mask is None
         if cache is not None:
             first = cache.length == 0
             k, v = cache.update(self.layer, k, v)
             # Prefill of an empty cache is an ordinary (causal) pass; a single new token
             # attends to everything cached; longer chunks after a prefix are not needed.
             assert first or q.shape[2] == 1, "KV cache supports prefill then one token at a time"
-            is_causal = causal and first
+            is_causal = is_causal and first
         return F.scaled_dot_product_attention(
             q,
             k,
@@ -217,8 +238,8 @@ class Block(nn.Module):
         self.norm2 = _norm(config)
         self.mlp = MLP(config)
 
-    def forward(self, x, rope, causal, cache, segments=None):
-        x = x + self.attn(self.norm1(x), rope, causal, cache, segments)
+    def forward(self, x, rope, causal, cache, segments=None, attn_mask=None):
+        x = x + self.attn(self.norm1(x), rope, causal, cache, segments, attn_mask)
         return x + self.mlp(self.norm2(x))
 
 
@@ -266,12 +287,15 @@ class Transformer(nn.Module):
         causal: bool,
         cache: KVCache | None = None,
         segment_ids: Tensor | None = None,
+        left_pad: Tensor | None = None,
     ) -> Tensor:
         """Final-norm hidden states (B, T, d_model).
 
         ``segment_ids`` (B, T) packs several sequences per row: a token attends only to
         tokens of its own segment and positions restart at 0 in every segment, so a packed
-        row computes exactly what its segments would compute one by one.
+        row computes exactly what its segments would compute one by one. ``left_pad`` (B,)
+        counts the padding tokens at the start of each row (of the whole sequence, cached
+        part included): they are never attended to, and positions start after them.
         """
         start = cache.length if cache is not None else 0
         T = idx.shape[1]
@@ -280,12 +304,15 @@ class Transformer(nn.Module):
                 f"sequence of {start + T} tokens exceeds block_size {self.config.block_size}"
             )
         positions = torch.arange(start, start + T, device=idx.device)
-        segments = None
+        segments = attn_mask = None
         if segment_ids is not None:
-            if cache is not None:
-                raise ValueError("packed segments and a KV cache cannot be combined")
+            if cache is not None or left_pad is not None:
+                raise ValueError("packed segments combine with neither a KV cache nor left_pad")
             segments = PackedSegments(segment_ids, causal)
             positions = segment_positions(segment_ids)
+        elif left_pad is not None:
+            attn_mask = padding_mask(left_pad, start, T, causal)
+            positions = (positions - left_pad[:, None]).clamp(min=0)
         x = self.tok_emb(idx)
         rope = None
         if self.pos_emb is not None:
@@ -294,9 +321,11 @@ class Transformer(nn.Module):
             rope = (self.rope_cos[positions], self.rope_sin[positions])
             if segments is not None:  # (B, T, D) -> (B, T, 1, D): broadcast over heads
                 rope = (rope[0][:, :, None], rope[1][:, :, None])
+            elif positions.ndim == 2:  # per row: (B, 1, T, D) against (B, heads, T, D)
+                rope = (rope[0][:, None], rope[1][:, None])
         x = self.drop(x)
         for block in self.blocks:
-            x = block(x, rope, causal, cache, segments)
+            x = block(x, rope, causal, cache, segments, attn_mask)
         if cache is not None:
             cache.length += T
         return self.norm_f(x)
@@ -308,8 +337,11 @@ class Transformer(nn.Module):
         causal: bool,
         cache: KVCache | None = None,
         segment_ids: Tensor | None = None,
+        left_pad: Tensor | None = None,
     ) -> Tensor:
         """Logits of shape (B, T, vocab_size)."""
         return self.lm_head(
-            self.hidden_states(idx, causal=causal, cache=cache, segment_ids=segment_ids)
+            self.hidden_states(
+                idx, causal=causal, cache=cache, segment_ids=segment_ids, left_pad=left_pad
+            )
         )

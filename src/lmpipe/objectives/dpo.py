@@ -19,12 +19,13 @@ With h = (log pi(c) - log pi(r)) - (log ref(c) - log ref(r)) and beta:
 tokens they may lower both replies; the NLL term keeps the chosen one likely.
 
 The reference is the stage's starting checkpoint, frozen; with ``precompute_ref`` its
-log-probs are computed once before training (``Reference``), so only the policy sits in
-memory while training.
+log-probs are computed once before training (every training example and held-out pair),
+so only the policy sits in memory while training.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
@@ -33,11 +34,10 @@ from torch import Tensor
 
 from lmpipe.batch import Batch
 from lmpipe.errors import ConfigError
-from lmpipe.objectives.base import Objective
+from lmpipe.objectives.base import Objective, ObjectiveContext
 
 if TYPE_CHECKING:
     from lmpipe.models import LM
-    from lmpipe.training.trainer import Trainer
 
 LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo")
 
@@ -104,6 +104,7 @@ class DPO(Objective):
         self.mc_samples = mc_samples
         self.rpo_alpha = rpo_alpha
         self.reference: LM | None = None
+        self.reference_table: dict[int, Tensor] = {}  # example id -> (2,) precomputed
 
     def check_arch(self, lm_class) -> None:
         super().check_arch(lm_class)
@@ -114,15 +115,31 @@ class DPO(Objective):
                 "live reference (precompute_ref=false)"
             )
 
-    def setup(self, trainer: Trainer) -> None:
-        if trainer.init_checkpoint is None:
+    def setup(self, ctx: ObjectiveContext) -> None:
+        super().setup(ctx)
+        if ctx.starting_model is None:
             raise ConfigError("stage objective 'dpo' needs init_from (the reference model)")
-        reference = trainer.init_checkpoint.build_model().to(trainer.hardware.device)
-        reference.requires_grad_(False)
-        if self.precompute_ref:
-            trainer.attach_reference_logps(reference, sequence_logps)
-        else:
+        reference = ctx.starting_model()
+        if not self.precompute_ref:
             self.reference = reference
+            return
+
+        @torch.no_grad()
+        def rows(batch: Batch) -> Tensor:
+            with ctx.autocast():
+                return sequence_logps(reference, batch.to(ctx.device)).float().cpu()
+
+        for batch in ctx.examples.every_example(ctx.micro_batch_size):
+            for example, values in zip(batch.example_ids, rows(batch).view(-1, 2), strict=True):
+                self.reference_table[example] = values
+        for batches in ctx.val_sets.values():
+            for batch in batches:
+                batch.ref_logps = rows(batch)
+
+    def prepare(self, model, batch: Batch) -> Iterator[Batch]:
+        if self.reference_table:
+            batch.ref_logps = torch.cat([self.reference_table[e] for e in batch.example_ids])
+        yield batch
 
     def loss(self, model, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
         policy, ref = 0.0, 0.0

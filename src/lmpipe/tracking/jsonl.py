@@ -1,8 +1,10 @@
-"""The always-on sink: one JSON object per log call in ``metrics.jsonl``."""
+"""The always-on sink: one JSON object per log call in ``metrics.jsonl``. A value that is
+not a finite number (a diverging step's loss) is written as null: the file stays JSON."""
 
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 
@@ -20,7 +22,9 @@ class JsonlSink:
         self._fh = path.open("a", encoding="utf-8")
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
-        self._fh.write(json.dumps({"step": step, "time": round(time.time(), 3), **metrics}) + "\n")
+        values = {k: v if math.isfinite(v) else None for k, v in metrics.items()}
+        line = json.dumps({"step": step, "time": round(time.time(), 3), **values}, allow_nan=False)
+        self._fh.write(line + "\n")
         self._fh.flush()
 
     def close(self) -> None:

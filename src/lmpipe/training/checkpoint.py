@@ -2,6 +2,7 @@
 
     checkpoints/step_000500/
       model.safetensors   weights only
+      objective.safetensors  modules the objective trains (a value head), if any
       trainer_state.pt    optimizer, scaler, step (= sampler position); weights_only-loadable
       tokenizer.json      the tokenizer, with tokenizer_config.json (chat template)
       meta.json           written last: step, architecture, configs, hashes, file checksums
@@ -23,8 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_model, save_model
-from torch import nn
+from safetensors.torch import load_file, load_model, save_file, save_model
+from torch import Tensor, nn
 
 from lmpipe.cli import one_line
 from lmpipe.data.tokenizer import Tokenizer
@@ -33,6 +34,7 @@ from lmpipe.models import LM, build_from_config_dict
 from lmpipe.rundir import CHECKPOINT_DIR
 
 FILES = ("model.safetensors", "trainer_state.pt", "tokenizer.json", "tokenizer_config.json")
+MODULES_FILE = "objective.safetensors"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
@@ -57,25 +59,41 @@ def _fsync(path: Path) -> None:
 
 
 def save_checkpoint(
-    path: Path, *, model: nn.Module, trainer_state: dict, tokenizer: Tokenizer, meta: dict
+    path: Path,
+    *,
+    model: nn.Module,
+    trainer_state: dict,
+    tokenizer: Tokenizer,
+    meta: dict,
+    modules: dict[str, nn.Module] | None = None,
 ) -> None:
-    """Write a complete checkpoint at ``path`` (replacing one that is there) atomically."""
+    """Write a complete checkpoint at ``path`` (replacing one that is there) atomically.
+    ``modules``: what an objective trains besides the model, saved by name."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
         save_model(model, str(tmp / "model.safetensors"))
+        names = list(FILES)
+        if modules:
+            tensors = {
+                f"{name}.{key}": value.detach().contiguous()
+                for name, module in modules.items()
+                for key, value in module.state_dict().items()
+            }
+            save_file(tensors, str(tmp / MODULES_FILE))
+            names.append(MODULES_FILE)
         torch.save(trainer_state, tmp / "trainer_state.pt")
         tokenizer.save(tmp)
         files = {
             name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
-            for name in FILES
+            for name in names
         }
         (tmp / "meta.json").write_text(
             json.dumps({**meta, "files": files}, indent=2, default=str) + "\n"
         )
-        for name in (*FILES, "meta.json"):
+        for name in (*names, "meta.json"):
             _fsync(tmp / name)
         _fsync(tmp)
         if path.exists():
@@ -112,6 +130,29 @@ class Checkpoint:
         self.load_weights(model)
         return model.eval()
 
+    def module_states(self) -> dict[str, dict[str, Tensor]]:
+        """The objective-owned modules' weights by module name (empty if it has none)."""
+        if MODULES_FILE not in self.meta["files"]:
+            return {}
+        states: dict[str, dict[str, Tensor]] = {}
+        for key, value in load_file(str(self.path / MODULES_FILE)).items():
+            name, _, param = key.partition(".")
+            states.setdefault(name, {})[param] = value
+        return states
+
+    def load_modules(self, modules: dict[str, nn.Module]) -> None:
+        """Load the objective's modules (resume); each must be in the checkpoint."""
+        states = self.module_states()
+        for name, module in modules.items():
+            if name not in states:
+                raise CheckpointError(f"{self.path} has no weights for the objective's '{name}'")
+            try:
+                module.load_state_dict(states[name])
+            except RuntimeError as exc:
+                raise CheckpointError(
+                    f"{self.path}: the objective's '{name}' does not fit ({one_line(exc)})"
+                ) from None
+
     def trainer_state(self) -> dict:
         try:
             return torch.load(self.path / "trainer_state.pt", map_location="cpu", weights_only=True)
@@ -137,10 +178,12 @@ def load_checkpoint(path: str | Path, verify: bool = True) -> Checkpoint:
     except (ValueError, KeyError, TypeError) as exc:
         raise CheckpointError(f"{meta_path} is unreadable ({exc})") from None
     if verify:
-        for name in FILES:
+        for name in (*FILES, *([MODULES_FILE] if MODULES_FILE in files else [])):
             file = path / name
             if not file.is_file():
                 raise CheckpointError(f"{path} is incomplete: {name} is missing")
+            if name not in files:
+                raise CheckpointError(f"{meta_path} records no size or checksum for {name}")
             size = file.stat().st_size
             if size != files[name]["bytes"]:
                 raise CheckpointError(

@@ -66,6 +66,16 @@ def all_reduce_sum(tensor: torch.Tensor, env: DistEnv) -> torch.Tensor:
     return tensor
 
 
+def all_reduce_mean_grads(module: nn.Module, env: DistEnv) -> None:
+    """Average a module's gradients over ranks (for modules outside the DDP wrapper)."""
+    if not env.enabled:
+        return
+    for param in module.parameters():
+        if param.grad is not None:
+            dist.all_reduce(param.grad, op=dist.ReduceOp.SUM)
+            param.grad /= env.world_size
+
+
 def broadcast_from_main(value, env: DistEnv):
     """Rank 0's ``value`` on every rank (e.g. the run directory rank 0 chose)."""
     if not env.enabled:

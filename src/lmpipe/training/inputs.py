@@ -1,8 +1,9 @@
 """What a run trains and evaluates on: the sampler of training batches and the held-out sets.
 
 The ``sampler`` config of the stage picks the kind: ``windows`` (pretraining: fixed-length
-windows of the token stream) or ``episodes`` (SFT / DPO: whole conversations or pairs,
-epoch by epoch). Held-out sets use the same layout as training, unshuffled.
+windows of the token stream), ``episodes`` (SFT / DPO: whole conversations or pairs,
+epoch by epoch) or ``prompts`` (RL: prompts with their answers, epoch by epoch). Held-out
+sets use the same layout as training, unshuffled.
 """
 
 from __future__ import annotations
@@ -12,26 +13,31 @@ from pathlib import Path
 
 from lmpipe.batch import Batch
 from lmpipe.data.prepare import PreparedData
+from lmpipe.data.prompts import read_prompts
 from lmpipe.data.samplers import (
     EpisodeOptions,
     Episodes,
     EpisodeSampler,
+    PromptOptions,
+    PromptSampler,
     WindowSampler,
+    collate_prompts,
     eval_episodes,
     eval_windows,
 )
 from lmpipe.errors import ConfigError, DataError
 from lmpipe.models import LM
+from lmpipe.objectives.base import Examples
 from lmpipe.training.distributed import DistEnv
-from lmpipe.training.trainer import Sampler, TrainerConfig
+from lmpipe.training.trainer import TrainerConfig
 
-SAMPLER_KINDS = ("windows", "episodes")
+SAMPLER_KINDS = ("windows", "episodes", "prompts")
 FORGETTING_SET = "pretrain_val"  # metrics prefix of the earlier stage's validation data
 
 
 @dataclass
 class Inputs:
-    sampler: Sampler
+    sampler: Examples
     val_sets: dict[str, list[Batch]]
     description: str  # one line for the run's plan printout
 
@@ -60,6 +66,8 @@ def build_inputs(
         val = _window_val(data, row_length, tcfg, micro_examples, env)
         return Inputs(sampler, {"val": val} if val else {}, "random windows of the token stream")
 
+    if kind == "prompts":
+        return _prompt_inputs(sampler_cfg, data, tcfg, micro_examples, env)
     options = EpisodeOptions.from_dict(sampler_cfg)
     docs = data.manifest["documents_per_record"]
     pad_id = data.tokenizer.pad_id
@@ -92,6 +100,40 @@ def build_inputs(
     description = (
         f"{len(train.kept):,} episodes ({layout}, {sampler.steps_in_epoch(0):,} steps per "
         f"epoch; dropped: {dropped})"
+    )
+    return Inputs(sampler, val_sets, description)
+
+
+def _prompt_inputs(
+    sampler_cfg: dict, data: PreparedData, tcfg: TrainerConfig, micro_examples: int, env: DistEnv
+) -> Inputs:
+    """Prompts with their references; held out: the val split's first prompts that fit."""
+    options = PromptOptions.from_dict(sampler_cfg)
+    pad_id = data.tokenizer.pad_id
+    sampler = PromptSampler(
+        read_prompts(data, "train"),
+        tcfg.batch_size,
+        options,
+        pad_id=pad_id,
+        rank=env.rank,
+        world_size=env.world_size,
+    )
+    val_sets = {}
+    if tcfg.eval_batches:
+        held_out = read_prompts(data, "val")
+        fits = [i for i, p in enumerate(held_out) if len(p.ids) <= options.max_prompt_tokens]
+        mine = fits[: tcfg.eval_batches * micro_examples * env.world_size][
+            env.rank :: env.world_size
+        ]
+        if mine:
+            val_sets["val"] = [
+                collate_prompts(held_out, mine[i : i + micro_examples], pad_id)
+                for i in range(0, len(mine), micro_examples)
+            ]
+    dropped = ", ".join(f"{k} {v}" for k, v in sorted(sampler.dropped.items())) or "none"
+    description = (
+        f"{len(sampler.kept):,} prompts ({sampler.steps_in_epoch(0):,} steps per epoch; "
+        f"dropped: {dropped})"
     )
     return Inputs(sampler, val_sets, description)
 

@@ -9,19 +9,22 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from torch import nn
 
 from lmpipe import __version__
 from lmpipe.config import resume_mode, validate
 from lmpipe.data.prepare import PreparedData, prepare
 from lmpipe.errors import CheckpointError, ConfigError
 from lmpipe.models import LM, build_from_config_dict, build_lm, lm_class
+from lmpipe.objectives.base import ObjectiveContext
 from lmpipe.seeding import derive_seed
-from lmpipe.tracking import build_logger
+from lmpipe.tracking import MetricLogger, build_logger
 from lmpipe.tracking.jsonl import read_metrics
 from lmpipe.training.checkpoint import (
     Checkpoint,
@@ -53,7 +56,8 @@ def train(cfg: DictConfig, run_dir: Path) -> Path:
     env = init_distributed(hardware.device.type)
     try:
         # Each rank's Hydra picked a run directory; rank 0's choice is the one.
-        return _train(cfg, Path(broadcast_from_main(str(run_dir), env)), hardware, env)
+        run = build_run(cfg, Path(broadcast_from_main(str(run_dir), env)), hardware, env)
+        return start(run)
     finally:
         shutdown(env)
 
@@ -63,11 +67,24 @@ def _say(env: DistEnv, text: str) -> None:
         print(text, flush=True)
 
 
-def _train(cfg: DictConfig, run_dir: Path, hardware: Hardware, env: DistEnv) -> Path:
+@dataclass
+class Run:
+    """A stage assembled from its config: every input checked, nothing written yet."""
+
+    cfg: DictConfig
+    trainer: Trainer
+    data: PreparedData
+    plan: str  # what is about to happen, for the console
+    has_forgetting_set: bool
+
+
+def build_run(cfg: DictConfig, run_dir: Path, hardware: Hardware, env: DistEnv) -> Run:
+    """Check the config, the checkpoints and the data, and build the model, the objective
+    and the Trainer; the run directory gets no file (``start`` writes)."""
     objective = instantiate(cfg.objective)
     model_class = lm_class(cfg.arch._target_)
     objective.check_arch(model_class)
-    arch = model_class.arch
+    objective.check_sampler(cfg.sampler.kind)
     tcfg = TrainerConfig.from_dict(OmegaConf.to_container(cfg.trainer, resolve=True))
     if tcfg.batch_size % env.world_size:
         raise ConfigError(
@@ -90,7 +107,7 @@ def _train(cfg: DictConfig, run_dir: Path, hardware: Hardware, env: DistEnv) -> 
 
     data = _prepare_data(cfg, source, env)
     objective.check_format(data.manifest["format"], cfg.data.name)
-    model = _build_model(cfg, data, source, arch)
+    model = _build_model(cfg, data, source, model_class.arch)
     if tcfg.block_size > model.config.block_size:
         raise ConfigError(
             f"trainer.block_size={tcfg.block_size} is larger than the model supports "
@@ -101,10 +118,6 @@ def _train(cfg: DictConfig, run_dir: Path, hardware: Hardware, env: DistEnv) -> 
     model.to(hardware.device)
     train_model = wrap_model(
         torch.compile(model) if hardware.compile else model, env, hardware.device
-    )
-    optimizer = build_optimizer(model, OmegaConf.to_container(cfg.optim), hardware.device)
-    schedule = build_schedule(
-        OmegaConf.to_container(cfg.schedule), float(cfg.optim.lr), tcfg.max_steps
     )
 
     micro = hardware.micro_batch_size or tcfg.batch_size // env.world_size
@@ -121,20 +134,37 @@ def _train(cfg: DictConfig, run_dir: Path, hardware: Hardware, env: DistEnv) -> 
         else:
             inputs.val_sets[FORGETTING_SET] = forgetting
 
-    # Inputs are good: from here on the run directory gets files.
-    run_dir.mkdir(parents=True, exist_ok=True)
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    if env.is_main:
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    logger = build_logger(
-        OmegaConf.to_container(cfg.logger), run_dir, run_dir.name, resolved, env.is_main
+    objective.setup(
+        ObjectiveContext(
+            device=hardware.device,
+            autocast=hardware.autocast,
+            tokenizer=data.tokenizer,
+            model=model,
+            examples=inputs.sampler,
+            val_sets=inputs.val_sets,
+            micro_batch_size=micro,
+            seed=cfg.seed,
+            starting_model=_frozen(init_from, hardware.device),
+            starting_modules=init_from.module_states if init_from is not None else None,
+        )
+    )
+    modules = objective.modules()
+    for module in modules.values():
+        module.to(hardware.device)
+    optimizer = build_optimizer(
+        nn.ModuleList([model, *modules.values()]),
+        OmegaConf.to_container(cfg.optim),
+        hardware.device,
+    )
+    schedule = build_schedule(
+        OmegaConf.to_container(cfg.schedule), float(cfg.optim.lr), tcfg.max_steps
     )
     static_meta = {
-        "architecture": arch,
+        "architecture": model.arch,
         "model_config": model.config_dict(),
         "model_name": (source.meta.get("model_name") if source else None) or cfg.model.name,
         "stage": cfg.stage.name,
-        "train_config": resolved,
+        "train_config": OmegaConf.to_container(cfg, resolve=True),
         "tokenizer_hash": data.tokenizer.hash,
         "data_manifest_hash": data.manifest_hash,
         "data_dir": str(data.directory),
@@ -153,32 +183,58 @@ def _train(cfg: DictConfig, run_dir: Path, hardware: Hardware, env: DistEnv) -> 
         val_sets=inputs.val_sets,
         hardware=hardware,
         env=env,
-        logger=logger,
+        logger=MetricLogger([]),  # ``start`` gives it the configured sinks
         run_dir=run_dir,
         tokenizer=data.tokenizer,
         checkpoint_meta=lambda: static_meta,
         seed=cfg.seed,
-        init_checkpoint=init_from,
     )
     if resume_from is not None:
+        resume_from.load_modules(modules)
         trainer.load_state_dict(resume_from.trainer_state())
-
-    if resume_from is not None:
         origin = f"resuming from {resume_from.path} (step {resume_from.step})"
     else:
         origin = f"weights from {source.path}" if source is not None else "fresh weights"
-    _say(env, _plan(cfg, trainer, data, static_meta["model_name"], origin, inputs.description))
-    if trainer.step >= tcfg.max_steps:
-        _say(
-            env, f"run already complete at step {trainer.step} (trainer.max_steps={tcfg.max_steps})"
-        )
-        logger.close()
+    plan = _plan(cfg, trainer, data, static_meta["model_name"], origin, inputs.description)
+    return Run(cfg, trainer, data, plan, FORGETTING_SET in inputs.val_sets)
+
+
+def start(run: Run) -> Path:
+    """Write the run's config, open its metric sinks and train to ``max_steps``."""
+    cfg, trainer, env = run.cfg, run.trainer, run.trainer.env
+    run_dir = trainer.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if env.is_main:
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    trainer.logger = build_logger(
+        OmegaConf.to_container(cfg.logger),
+        run_dir,
+        run_dir.name,
+        OmegaConf.to_container(cfg, resolve=True),
+        env.is_main,
+    )
+    _say(env, run.plan)
+    max_steps = trainer.config.max_steps
+    if trainer.step >= max_steps:
+        _say(env, f"run already complete at step {trainer.step} (trainer.max_steps={max_steps})")
+        trainer.logger.close()
         return run_dir
     trainer.fit()
-    if FORGETTING_SET in inputs.val_sets:
+    if run.has_forgetting_set:
         _say(env, forgetting_report(run_dir))
     _say(env, f"done: {run_dir} (final checkpoint step_{trainer.step:06d})")
     return run_dir
+
+
+def _frozen(checkpoint: Checkpoint | None, device: torch.device):
+    """A factory of the checkpoint's model, frozen on ``device`` (None without one)."""
+    if checkpoint is None:
+        return None
+
+    def build() -> LM:
+        return checkpoint.build_model().to(device).requires_grad_(False)
+
+    return build
 
 
 def forgetting_report(run_dir: Path) -> str:
@@ -237,9 +293,14 @@ def _build_model(cfg: DictConfig, data: PreparedData, source: Checkpoint | None,
             f"architecture mismatch: {source.path} is arch={source.meta['architecture']}, "
             f"the config asks for arch={arch}"
         )
-    # The shape comes from the checkpoint; a stage may still change dropout.
+    # The shape and the special tokens come from the checkpoint; a stage may still change
+    # dropout and the architecture's own knobs (e.g. the diffusion noise floor).
     saved = json.loads(json.dumps(source.meta["model_config"]))
     saved["model"]["dropout"] = float(cfg.model.dropout)
+    knobs = {
+        k: v for k, v in OmegaConf.to_container(cfg.arch).items() if k not in ("_target_", "name")
+    }
+    saved["arch_options"] = {**saved.get("arch_options", {}), **knobs}
     return build_from_config_dict(saved)
 
 

@@ -1,8 +1,11 @@
 """The Trainer loop. It knows an LM, an Objective and batches -- never the stage or the arch.
 
-One step = one sampled batch -> ``objective.prepare`` (usually itself; PPO turns it into
-rollout minibatches) -> for each update: micro-batches with gradient accumulation under
-autocast, clipping, optimizer step. Eval, logging and checkpoints happen between steps.
+One step = one sampled batch -> ``objective.prepare`` (usually itself; RL turns it into
+rollouts) -> for each update: micro-batches with gradient accumulation under autocast,
+clipping, optimizer step. Eval, logging and checkpoints happen between steps.
+
+A step whose loss or gradient norm is not finite is skipped (the optimizer does not
+step; ``train/skipped_steps`` counts them); ``max_bad_steps`` in a row stop the run.
 """
 
 from __future__ import annotations
@@ -12,26 +15,33 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from itertools import chain
 from pathlib import Path
-from typing import Protocol
 
 import torch
 from torch import Tensor, nn
 
 from lmpipe.batch import Batch
 from lmpipe.data.tokenizer import Tokenizer
-from lmpipe.errors import CheckpointError
+from lmpipe.errors import CheckpointError, LmpipeError
 from lmpipe.models import LM
 from lmpipe.objectives import Objective
+from lmpipe.objectives.base import Examples
 from lmpipe.seeding import derive_seed
 from lmpipe.tracking import MetricLogger
 from lmpipe.training.checkpoint import (
-    Checkpoint,
     checkpoint_dir,
+    list_checkpoints,
     prune_checkpoints,
     save_checkpoint,
 )
-from lmpipe.training.distributed import DistEnv, all_reduce_sum, barrier, no_sync
+from lmpipe.training.distributed import (
+    DistEnv,
+    all_reduce_mean_grads,
+    all_reduce_sum,
+    barrier,
+    no_sync,
+)
 from lmpipe.training.hardware import Hardware
 from lmpipe.training.schedule import LRSchedule
 
@@ -48,15 +58,15 @@ class TrainerConfig:
     eval_at_start: bool = True
     save_interval: int = 100
     keep_last: int = 3
+    max_bad_steps: int = 3
 
     @classmethod
     def from_dict(cls, values: dict) -> TrainerConfig:
         return cls(**{k: values[k] for k in cls.__dataclass_fields__ if k in values})
 
 
-class Sampler(Protocol):
-    def batch(self, step: int) -> Batch: ...
-    def position(self, step: int) -> dict: ...
+class TrainingDiverged(LmpipeError):
+    """Too many steps in a row with a non-finite loss or gradient norm."""
 
 
 class MetricAverager:
@@ -100,7 +110,7 @@ class Trainer:
         objective: Objective,
         optimizer: torch.optim.Optimizer,
         schedule: LRSchedule,
-        sampler: Sampler,
+        sampler: Examples,
         val_sets: dict[str, list[Batch]],
         hardware: Hardware,
         env: DistEnv,
@@ -109,7 +119,6 @@ class Trainer:
         tokenizer: Tokenizer,
         checkpoint_meta: Callable[[], dict],
         seed: int,
-        init_checkpoint: Checkpoint | None = None,
     ):
         self.config = config
         self.model = model  # the bare LM (checkpoints, generation)
@@ -126,12 +135,18 @@ class Trainer:
         self.tokenizer = tokenizer
         self.checkpoint_meta = checkpoint_meta
         self.seed = seed
-        self.init_checkpoint = init_checkpoint  # the stage's starting weights (DPO reference)
+        self.modules = objective.modules()  # what the objective trains besides the model
         self.scaler = hardware.grad_scaler()
         self.step = 0
         self.tokens_seen = 0
+        self.skipped_steps = 0
+        self.bad_in_a_row = 0
         self.best_val_loss = math.inf
         self.last_val: dict[str, float] = {}
+
+    def parameters(self):
+        """Everything the optimizer trains: the model's and the objective's parameters."""
+        return chain(self.model.parameters(), *(m.parameters() for m in self.modules.values()))
 
     # --- state --------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -140,6 +155,8 @@ class Trainer:
             # Batches are a function of the step; the position is saved to be checked.
             "sampler": self.sampler.position(self.step),
             "tokens_seen": self.tokens_seen,
+            "skipped_steps": self.skipped_steps,
+            "bad_in_a_row": self.bad_in_a_row,
             "best_val_loss": self.best_val_loss,
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
@@ -154,6 +171,8 @@ class Trainer:
                 f"{self.sampler.position(self.step)}"
             )
         self.tokens_seen = int(state["tokens_seen"])
+        self.skipped_steps = int(state.get("skipped_steps", 0))
+        self.bad_in_a_row = int(state.get("bad_in_a_row", 0))
         self.best_val_loss = float(state["best_val_loss"])
         self.optimizer.load_state_dict(state["optimizer"])
         if state.get("scaler"):
@@ -162,7 +181,6 @@ class Trainer:
     # --- loop ---------------------------------------------------------------------
     def fit(self) -> None:
         cfg = self.config
-        self.objective.setup(self)
         self._trim_episode_log()
         if self.step == 0 and cfg.eval_at_start and self.val_sets:
             self.evaluate()
@@ -177,10 +195,8 @@ class Trainer:
                 group["lr"] = lr
             started = time.perf_counter()
             batch = self.sampler.batch(self.step)
-            metrics = self.train_step(batch)
-            step_tokens = self.env.world_size * (
-                batch.real_tokens if batch.real_tokens is not None else len(batch) * cfg.block_size
-            )
+            metrics, step_tokens = self.train_step(batch)
+            step_tokens *= self.env.world_size
             self.step += 1
             self._log_episodes(batch)
             self.tokens_seen += step_tokens
@@ -197,49 +213,70 @@ class Trainer:
                 self.save()
         self.logger.close()
 
-    def train_step(self, batch: Batch) -> dict[str, float]:
-        """One optimizer step per update batch the objective prepares; returns metrics."""
-        self.train_model.train()
+    def train_step(self, batch: Batch) -> tuple[dict[str, float], int]:
+        """One optimizer step per update batch the objective prepares; returns the metrics
+        and the tokens processed (this rank)."""
+        self.train_model.train(self.objective.train_mode)
         averager = MetricAverager()
         examples = self.micro_batch_examples
-        grad_norm = torch.zeros(())
+        tokens = 0
         for update in self.objective.prepare(self.train_model, batch):
+            if update.metrics:
+                averager.add(update.metrics)
+            tokens += update.real_tokens or len(update) * self.config.block_size
             micro_batches = update.split(examples)
+            finite = True
             for i, micro in enumerate(micro_batches):
                 micro = micro.to(self.hardware.device)
                 last = i == len(micro_batches) - 1
                 with no_sync(self.train_model, not last), self.hardware.autocast():
                     loss, metrics = self.objective.loss(self.train_model, micro)
                 self.scaler.scale(loss * (len(micro) / len(update))).backward()
+                finite &= math.isfinite(float(loss.detach()))
                 averager.add(metrics)
+            for module in self.modules.values():  # DDP syncs the model's gradients only
+                all_reduce_mean_grads(module, self.env)
             self.scaler.unscale_(self.optimizer)
             clip = self.config.grad_clip if self.config.grad_clip else math.inf
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
+            grad_norm = torch.nn.utils.clip_grad_norm_(list(self.parameters()), clip)
+            # fp16: the GradScaler itself skips steps with inf gradients (and rescales).
+            finite &= self.scaler.is_enabled() or bool(torch.isfinite(grad_norm))
+            if finite:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
             self.optimizer.zero_grad(set_to_none=True)
-        averager.add({"grad_norm": grad_norm})
-        return averager.result(self.env, self.hardware.device)
+            if finite:
+                averager.add({"grad_norm": grad_norm})
+            self._count_bad(finite)
+        metrics = averager.result(self.env, self.hardware.device)
+        if self.skipped_steps:
+            metrics["skipped_steps"] = self.skipped_steps
+        return metrics, tokens
+
+    def _count_bad(self, finite: bool) -> None:
+        if finite:
+            self.bad_in_a_row = 0
+            return
+        self.skipped_steps += 1
+        self.bad_in_a_row += 1
+        self.logger.message(
+            f"step {self.step + 1}: non-finite loss or gradient norm, update skipped "
+            f"({self.bad_in_a_row} in a row)"
+        )
+        if self.bad_in_a_row >= self.config.max_bad_steps:
+            good = [p.name for p in list_checkpoints(self.run_dir)]
+            raise TrainingDiverged(
+                f"training diverged: {self.bad_in_a_row} steps in a row up to step "
+                f"{self.step + 1} had a non-finite loss or gradient norm (trainer.max_bad_steps="
+                f"{self.config.max_bad_steps}); last good checkpoint: "
+                f"{good[-1] if good else 'none'} in {self.run_dir} (lower optim.lr or set "
+                "trainer.grad_clip)"
+            )
 
     @property
     def micro_batch_examples(self) -> int:
         per_rank = self.config.batch_size // self.env.world_size
         return self.hardware.micro_batch_size or per_rank
-
-    @torch.no_grad()
-    def attach_reference_logps(self, reference: nn.Module, score: Callable) -> None:
-        """Score every training example and held-out batch once with a frozen model
-        (``score(model, batch) -> (rows,)``); batches then carry it as ``ref_logps``."""
-        reference.eval()
-
-        def rows(batch: Batch) -> Tensor:
-            with self.hardware.autocast():
-                return score(reference, batch.to(self.hardware.device)).float().cpu()
-
-        self.sampler.attach_reference(rows, self.micro_batch_examples)
-        for batches in self.val_sets.values():
-            for batch in batches:
-                batch.ref_logps = rows(batch)
 
     # --- the episode log ----------------------------------------------------------
     @property
@@ -291,16 +328,14 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Objective metrics on each held-out set, token-weighted, as ``<set>/*``
-        (``val/*``, and e.g. ``pretrain_val/*`` for a forgetting check)."""
+        """The objective's metrics on each held-out set, averaged by weight, as
+        ``<set>/*`` (``val/*``, and e.g. ``pretrain_val/*`` for a forgetting check)."""
         self.train_model.eval()
         named: dict[str, float] = {}
         for name, batches in self.val_sets.items():
             torch.manual_seed(derive_seed(self.seed, "eval"))  # the same noise at every eval
             averager = MetricAverager()
-            for batch in batches:
-                with self.hardware.autocast():
-                    _, metrics = self.objective.loss(self.model, batch.to(self.hardware.device))
+            for metrics in self.objective.evaluate(self.model, batches):
                 averager.add(metrics)
             named.update(self._named(name, averager.result(self.env, self.hardware.device)))
         self.train_model.train()
@@ -322,6 +357,7 @@ class Trainer:
             save_checkpoint(
                 path,
                 model=self.model,
+                modules=self.modules,
                 trainer_state=self.state_dict(),
                 tokenizer=self.tokenizer,
                 meta=meta,
