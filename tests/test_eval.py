@@ -20,8 +20,9 @@ from lmpipe.eval.diversity import bleu, distinct_n, self_bleu
 from lmpipe.eval.generation import complete
 from lmpipe.eval.heldout import Prompt, heldout_prompts, scoring_batches
 from lmpipe.eval.likelihood import preference_metrics, score_rows
-from lmpipe.eval.tasks import answer_accuracy
+from lmpipe.eval.tasks import answer_accuracy, greedy_replies, reward_metrics
 from lmpipe.models import build_lm
+from lmpipe.objectives.rewards import AnswerMatch, Format
 
 from conftest import LM_CLASSES, TINY_SHAPE, data_config, save_random_checkpoint
 
@@ -163,10 +164,17 @@ def test_a_model_that_answers_right_scores_one_and_wrong_zero(chat_data):
         return Scripted(replies)
 
     options = {"max_new_tokens": 40, "batch_size": 4, "device": CPU, "progress": False}
-    assert answer_accuracy(scripted(0), tokenizer, prompts, **options) == 1.0
-    assert answer_accuracy(scripted(1), tokenizer, prompts, **options) == 0.0
+    right = greedy_replies(scripted(0), tokenizer, prompts, **options)
+    wrong = greedy_replies(scripted(1), tokenizer, prompts, **options)
+    assert answer_accuracy(tokenizer, prompts, right) == 1.0
+    assert answer_accuracy(tokenizer, prompts, wrong) == 0.0
     unanswerable = [Prompt(prompts[0].ids, "", "no number in it")]
-    assert answer_accuracy(scripted(0), tokenizer, unanswerable, **options) is None
+    assert answer_accuracy(tokenizer, unanswerable, right[:1]) is None
+    rewards = {"answer_match": AnswerMatch(), "format": Format(r"answer is \d+\.$", 0.5)}
+    scored = reward_metrics(rewards, tokenizer, prompts, right, max_new_tokens=40)
+    assert scored == {"reward/mean": 1.5, "reward/answer_match": 1.0, "reward/format": 1.0}
+    scored = reward_metrics(rewards, tokenizer, prompts, wrong, max_new_tokens=40)
+    assert scored == {"reward/mean": 0.5, "reward/answer_match": 0.0, "reward/format": 1.0}
 
 
 # --- likelihood -------------------------------------------------------------------------

@@ -24,6 +24,8 @@ def main(cfg: DictConfig) -> None:
 
 
 def _evaluate(cfg: DictConfig) -> None:
+    from hydra.utils import instantiate
+
     from lmpipe.eval.runner import (
         check_options,
         checkpoint_details,
@@ -45,6 +47,7 @@ def _evaluate(cfg: DictConfig) -> None:
     checkpoints = [resolve_checkpoint(str(path), log=log) for path in paths]  # all, up front
     data_cfg = OmegaConf.to_container(cfg.data, resolve=True) if cfg.data is not None else None
     output = Path(cfg.eval.output)
+    rewards = instantiate(cfg.reward) if cfg.get("reward") else None
     results, details = {}, {}
     for checkpoint in checkpoints:
         name = checkpoint_label(checkpoint)
@@ -64,6 +67,7 @@ def _evaluate(cfg: DictConfig) -> None:
             samples_path=output.with_name(f"{output.stem}_samples") / f"{name}.jsonl",
             temperature=cfg.eval.temperature,
             noise_draws=cfg.eval.noise_draws,
+            rewards=rewards,
         )
         details[name] = checkpoint_details(checkpoint, data_cfg and data_cfg.get("name"))
     print(write_results(results, output, details))

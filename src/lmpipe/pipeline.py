@@ -72,6 +72,8 @@ def _validate(cfg: DictConfig) -> None:
 
 
 def run_pipeline(cfg: DictConfig) -> Path:
+    from hydra.utils import instantiate
+
     from lmpipe.eval.report import write_report
 
     _validate(cfg)
@@ -112,6 +114,7 @@ def run_pipeline(cfg: DictConfig) -> Path:
         OmegaConf.to_container(cfg.pipeline.report, resolve=True),
         cache_dir=cfg.cache_dir,
         device=cfg.device,
+        rewards=instantiate(cfg.reward),
     )
     print(f"report: {report}")
     return directory

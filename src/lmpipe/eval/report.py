@@ -22,16 +22,18 @@ COLUMNS = [  # (key, header, format)
     ("train/loss", "final train loss", "{:.4f}"),
     ("val/loss", "final val loss", "{:.4f}"),
     ("task/answer_accuracy", "answer accuracy", "{:.3f}"),
+    ("reward/mean", "reward", "{:.3f}"),
     ("task/preference_accuracy", "preference accuracy", "{:.3f}"),
     ("task/preference_margin", "preference margin", "{:+.3f}"),
     ("val/rewards/accuracy", "DPO val reward accuracy", "{:.3f}"),
+    ("val/greedy/rewards/mean", "RL val reward (greedy)", "{:.3f}"),
 ]
 
 
 # The report's held-out data and what each one measures (preference data also gives an
 # answer accuracy, on the pairs' prompts; the report takes answers from answer_data only).
 HELD_OUT = {
-    "answer_data": ("task/answer_accuracy",),
+    "answer_data": ("task/answer_accuracy", "reward/mean"),
     "preference_data": ("task/preference_accuracy", "task/preference_margin"),
 }
 
@@ -54,14 +56,20 @@ def stage_row(name: str, run_dir: Path, wall_s: float, report_cfg: dict, **evalu
         "tokens": _last(metrics, "train/tokens"),
         "wall_s": wall_s,
     }
-    for key in ("train/loss", "val/loss", "val/rewards/accuracy", "val/rewards/margin"):
+    for key in (
+        "train/loss",
+        "val/loss",
+        "val/rewards/accuracy",
+        "val/rewards/margin",
+        "val/greedy/rewards/mean",
+    ):
         row[key] = _last(metrics, key)
     for data_key, names in HELD_OUT.items():
         if report_cfg.get(data_key):
             results = evaluate_checkpoint(
                 checkpoint,
                 data_cfg=group_option("data", report_cfg[data_key]),
-                metrics=["task"],
+                metrics=["task", "reward"] if data_key == "answer_data" else ["task"],
                 num_samples=int(report_cfg["num_samples"]),
                 max_new_tokens=int(report_cfg["max_new_tokens"]),
                 batch_size=int(report_cfg["batch_size"]),
@@ -133,9 +141,10 @@ def write_report(
         "",
         markdown_table(rows),
         "",
-        f"Held-out metrics of every stage's final model: {held_out}. Preference accuracy is the "
-        "share of pairs whose chosen reply the model scores above the rejected one; the margin "
-        "is the mean log-probability difference.",
+        f"Held-out metrics of every stage's final model: {held_out}. The reward is the RL "
+        "stage's reward (weighted sum) of the greedy replies to the answer prompts. Preference "
+        "accuracy is the share of pairs whose chosen reply the model scores above the rejected "
+        "one; the margin is the mean log-probability difference.",
         "",
         *[f"![{name}](curves_{name}.png)" for name, _, _ in stages],
         "",

@@ -21,13 +21,14 @@ from lmpipe.eval.generation import complete
 from lmpipe.eval.heldout import Prompt, completion_stops, heldout_prompts, scoring_batches
 from lmpipe.eval.likelihood import preference_metrics, score_rows, token_metrics
 from lmpipe.eval.speed import measure_speed
-from lmpipe.eval.tasks import answer_accuracy
+from lmpipe.eval.tasks import answer_accuracy, greedy_replies, reward_metrics
 from lmpipe.models import LM
+from lmpipe.objectives.rewards import Reward
 from lmpipe.rundir import CHECKPOINT_DIR
 from lmpipe.training.checkpoint import Checkpoint, resolve_checkpoint
 from lmpipe.training.hardware import resolve_hardware
 
-METRICS = ("perplexity", "accuracy", "generation", "speed", "task")
+METRICS = ("perplexity", "accuracy", "generation", "speed", "task", "reward")
 METRIC_NAMES = (
     "val/loss",
     "val/perplexity",
@@ -36,6 +37,7 @@ METRIC_NAMES = (
     "task/answer_accuracy",
     "task/preference_accuracy",
     "task/preference_margin",
+    "reward/mean",  # and reward/<name> for each reward
     "generation/distinct_1",
     "generation/distinct_2",
     "generation/self_bleu",
@@ -83,6 +85,7 @@ def evaluate_checkpoint(
     samples_path: str | Path | None = None,
     temperature: float = 1.0,
     noise_draws: int = 4,
+    rewards: dict[str, Reward] | None = None,
     progress: bool = True,
 ) -> dict[str, float]:
     """Evaluate one checkpoint (or run directory: its newest checkpoint) on held-out data.
@@ -92,7 +95,8 @@ def evaluate_checkpoint(
     ``METRICS``. ``num_samples`` held-out examples are scored, completed and timed in
     batches of ``batch_size``. Generation samples are drawn at ``temperature`` (written to
     ``samples_path`` as JSONL when given); answers are always greedy. ``noise_draws``:
-    how many fixed-seed noise draws score a bound-based architecture.
+    how many fixed-seed noise draws score a bound-based architecture. ``rewards``: what
+    the ``reward`` group scores the greedy replies with (an RL stage's rewards).
     """
     metrics = check_options(
         metrics,
@@ -124,13 +128,20 @@ def evaluate_checkpoint(
         )
         if pairs:
             results.update(preference_metrics(scores))
-    if wanted & {"generation", "speed", "task"}:
+    if "reward" in wanted and not rewards:
+        raise ConfigError("eval.metrics has reward, but no reward is configured (reward=[...])")
+    if wanted & {"generation", "speed", "task", "reward"}:
         prompts = heldout_prompts(data, num_samples)
         common = {"max_new_tokens": max_new_tokens, "batch_size": batch_size, "device": device}
-        if "task" in wanted and data.manifest["format"] != "text":
-            accuracy = answer_accuracy(model, tokenizer, prompts, progress=progress, **common)
-            if accuracy is not None:
+        if wanted & {"task", "reward"} and data.manifest["format"] != "text":
+            replies = greedy_replies(model, tokenizer, prompts, progress=progress, **common)
+            accuracy = answer_accuracy(tokenizer, prompts, replies)
+            if "task" in wanted and accuracy is not None:
                 results["task/answer_accuracy"] = accuracy
+            if "reward" in wanted:
+                results.update(
+                    reward_metrics(rewards, tokenizer, prompts, replies, max_new_tokens)
+                )
         if "generation" in wanted:
             results.update(
                 generation_metrics(
@@ -147,7 +158,8 @@ def evaluate_checkpoint(
             )
         if "speed" in wanted:
             results.update(measure_speed(model, prompts[0].ids, **common))
-    return {name: results[name] for name in METRIC_NAMES if name in results}
+    ordered = {name: results[name] for name in METRIC_NAMES if name in results}
+    return {**ordered, **{k: v for k, v in results.items() if k not in ordered}}
 
 
 def heldout_data(

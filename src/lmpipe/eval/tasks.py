@@ -1,4 +1,5 @@
-"""Task scorers on held-out prompts: exact match of the final answer of a greedy reply."""
+"""Task scorers on held-out prompts, from greedy replies (up to the end of the turn):
+exact match of the final answer, and the rewards an RL stage trains on."""
 
 from __future__ import annotations
 
@@ -9,9 +10,10 @@ from lmpipe.eval.answers import answers_match, extract_answer
 from lmpipe.eval.generation import complete
 from lmpipe.eval.heldout import Prompt
 from lmpipe.models import LM
+from lmpipe.objectives.rewards import Completion, Reward, score
 
 
-def answer_accuracy(
+def greedy_replies(
     model: LM,
     tokenizer: Tokenizer,
     prompts: list[Prompt],
@@ -20,20 +22,11 @@ def answer_accuracy(
     batch_size: int,
     device: torch.device,
     progress: bool = True,
-) -> float | None:
-    """The fraction of chat prompts whose greedy reply (up to the turn end) has the final
-    answer of the reference; prompts whose reference has no answer are left out, and
-    None means none had one."""
-    scorable = [
-        (prompt, answer)
-        for prompt in prompts
-        if prompt.reference is not None and (answer := extract_answer(prompt.reference)) is not None
-    ]
-    if not scorable:
-        return None
-    replies = complete(
+) -> list[list[int]]:
+    """Each prompt's greedy reply, its end-of-turn token excluded."""
+    return complete(
         model,
-        [prompt.ids for prompt, _ in scorable],
+        [prompt.ids for prompt in prompts],
         max_new_tokens=max_new_tokens,
         stop_ids=(tokenizer.turn_end_id, tokenizer.eos_id),
         batch_size=batch_size,
@@ -41,8 +34,46 @@ def answer_accuracy(
         temperature=0.0,
         progress=progress,
     )
+
+
+def answer_accuracy(
+    tokenizer: Tokenizer, prompts: list[Prompt], replies: list[list[int]]
+) -> float | None:
+    """The fraction of replies whose final answer is the reference's; prompts whose
+    reference has no answer are left out, and None means none had one."""
     hits = [
         answers_match(extract_answer(tokenizer.decode(reply)), answer)
-        for reply, (_, answer) in zip(replies, scorable, strict=True)
+        for prompt, reply in zip(prompts, replies, strict=True)
+        if prompt.reference is not None and (answer := extract_answer(prompt.reference)) is not None
     ]
-    return sum(hits) / len(hits)
+    return sum(hits) / len(hits) if hits else None
+
+
+def reward_metrics(
+    rewards: dict[str, Reward],
+    tokenizer: Tokenizer,
+    prompts: list[Prompt],
+    replies: list[list[int]],
+    max_new_tokens: int,
+) -> dict[str, float]:
+    """``reward/mean`` (the weighted total) and ``reward/<name>`` of the replies, over the
+    prompts with a reference (all of them when no reward needs one)."""
+    needs_reference = any(reward.needs_reference for reward in rewards.values())
+    completions = [
+        Completion(
+            text=tokenizer.decode(reply),
+            tokens=min(len(reply) + 1, max_new_tokens),
+            truncated=len(reply) >= max_new_tokens,
+            max_tokens=max_new_tokens,
+            reference=prompt.reference,
+        )
+        for prompt, reply in zip(prompts, replies, strict=True)
+        if prompt.reference is not None or not needs_reference
+    ]
+    if not completions:
+        return {}
+    totals, each = score(rewards, completions)
+    return {
+        "reward/mean": sum(totals) / len(totals),
+        **{f"reward/{name}": sum(values) / len(values) for name, values in each.items()},
+    }

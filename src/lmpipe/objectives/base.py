@@ -2,7 +2,7 @@
 
 An objective sees the model only through the LM seam and the run only through an
 ``ObjectiveContext``: where to compute, the stage's starting model, the training examples
-and the held-out sets -- never the Trainer, and nothing from ``lmpipe.training``.
+and the held-out sets -- never the Trainer, and nothing from the training package.
 
     setup(ctx)               build what the loss needs (frozen reference, heads)
     modules()                trainable modules it owns: optimised, clipped, saved, resumed
