@@ -139,9 +139,7 @@ def evaluate_checkpoint(
             if "task" in wanted and accuracy is not None:
                 results["task/answer_accuracy"] = accuracy
             if "reward" in wanted:
-                results.update(
-                    reward_metrics(rewards, tokenizer, prompts, replies, max_new_tokens)
-                )
+                results.update(reward_metrics(rewards, tokenizer, prompts, replies, max_new_tokens))
         if "generation" in wanted:
             results.update(
                 generation_metrics(

@@ -94,8 +94,8 @@ class ARLM(LM):
                 context, pad = _last(seq, block, left_pad)
                 logits = self.backbone(context, causal=True, left_pad=pad)[:, -1]
             else:
-                if cache is None or cache.length >= block:
-                    cache = KVCache(self.config)
+                if cache is None or cache.length >= cache.capacity:
+                    cache = KVCache(self.config, seq.shape[1] + max_new_tokens)
                     context, pad = _last(
                         seq, block // 2 if seq.shape[1] >= block else block, left_pad
                     )

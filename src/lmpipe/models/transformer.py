@@ -109,10 +109,14 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
 
-def padding_mask(left_pad: Tensor, start: int, length: int, causal: bool) -> Tensor:
-    """(B, 1, length, start + length) bool: which keys the queries at positions ``start``
-    to ``start + length`` may see in rows with ``left_pad`` leading padding tokens. A
-    padding query sees itself only, so that no softmax row is empty (its output is unused)."""
+def padding_mask(
+    left_pad: Tensor, start: int, length: int, causal: bool, dtype: torch.dtype
+) -> Tensor:
+    """(B, 1, length, start + length) additive mask (0 or -inf, in ``dtype``): which keys
+    the queries at positions ``start`` to ``start + length`` may see in rows with
+    ``left_pad`` leading padding tokens. A padding query sees itself only, so that no
+    softmax row is empty (its output is unused). Additive, built once per forward pass: on
+    the CPU, SDPA with a boolean mask took twice as long per call (measured, decode step)."""
     device = left_pad.device
     query = torch.arange(start, start + length, device=device)[:, None]
     key = torch.arange(start + length, device=device)[None, :]
@@ -120,14 +124,19 @@ def padding_mask(left_pad: Tensor, start: int, length: int, causal: bool) -> Ten
     visible = real | (key == query)[None]
     if causal:
         visible &= (key <= query)[None]
-    return visible[:, None]
+    mask = torch.zeros(visible.shape, dtype=dtype, device=device)
+    return mask.masked_fill_(~visible, float("-inf"))[:, None]
 
 
 class KVCache:
-    """Pre-allocated keys/values for incremental decoding, one slot per layer."""
+    """Pre-allocated keys/values for incremental decoding, one slot per layer, for up to
+    ``capacity`` positions (default: the block). Sized to what a generation needs, the
+    filled part is nearly contiguous: SDPA over a slice of a block-sized cache took ~2x as
+    long per decode step on the CPU (measured)."""
 
-    def __init__(self, config: TransformerConfig):
+    def __init__(self, config: TransformerConfig, capacity: int | None = None):
         self.config = config
+        self.capacity = min(capacity or config.block_size, config.block_size)
         self.k: Tensor | None = None  # allocated on first use, in the dtype of the keys
         self.v: Tensor | None = None
         self.length = 0  # positions filled
@@ -135,7 +144,7 @@ class KVCache:
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         if self.k is None:
             c = self.config
-            shape = (c.n_layer, k.shape[0], c.n_head, c.block_size, c.head_dim)
+            shape = (c.n_layer, k.shape[0], c.n_head, self.capacity, c.head_dim)
             self.k = k.new_zeros(shape)
             self.v = v.new_zeros(shape)
         end = self.length + k.shape[2]
@@ -311,7 +320,10 @@ class Transformer(nn.Module):
             segments = PackedSegments(segment_ids, causal)
             positions = segment_positions(segment_ids)
         elif left_pad is not None:
-            attn_mask = padding_mask(left_pad, start, T, causal)
+            dtype = self.tok_emb.weight.dtype
+            if torch.is_autocast_enabled(idx.device.type):
+                dtype = torch.get_autocast_dtype(idx.device.type)
+            attn_mask = padding_mask(left_pad, start, T, causal, dtype)
             positions = (positions - left_pad[:, None]).clamp(min=0)
         x = self.tok_emb(idx)
         rope = None
