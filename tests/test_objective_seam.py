@@ -10,8 +10,9 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from conftest import build_cpu_run
 from lmpipe.objectives.ce import CrossEntropy
+
+from conftest import build_cpu_run
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "lmpipe"
 
