@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from conftest import TINY, assert_one_line_error, read_metrics, train_until_killed
@@ -108,7 +109,9 @@ def test_resume_after_sigkill_reproduces_the_uninterrupted_run(lmpipe, tmp_path,
     ("args", "fragments"),
     [
         (["trainer.max_stepz=5"], ["unknown config key 'trainer.max_stepz'"]),
-        (["optim.lr=0"], ["optim.lr=0 must be a number > 0"]),
+        (["optim.lr=0"], ["optim.lr=0 must be a finite number > 0"]),
+        (["optim.lr=inf"], ["optim.lr=inf must be a finite number > 0"]),
+        (["optim.lr=nan"], ["optim.lr=nan must be a finite number > 0"]),
         (["optim.lr=-1e-3"], ["optim.lr"]),
         (
             ["trainer.block_size=4096"],
@@ -129,6 +132,35 @@ def test_bad_input_is_one_clear_line(lmpipe, tmp_path, args, fragments):
     proc = lmpipe("train", *TINY, f"out_dir={out}", *args, check=False)
     assert_one_line_error(proc, "lmpipe.train: error:", *fragments)
     assert not out.exists() or not any(out.iterdir())  # nothing half-written
+
+
+def test_a_diverging_run_stops_with_one_line_and_no_non_finite_checkpoint(lmpipe, tmp_path):
+    out = tmp_path / "runs"
+    args = ["optim.lr=100", "trainer.grad_clip=null", "trainer.max_steps=40"]
+    proc = lmpipe(
+        "train",
+        *TINY,
+        f"out_dir={out}",
+        "run_name=nan",
+        "trainer.save_interval=2",
+        "trainer.log_interval=1",
+        "trainer.eval_interval=1000",
+        *args,
+        check=False,
+    )
+    assert_one_line_error(proc, "training diverged", "last good checkpoint: step_0000")
+    assert "update skipped" in proc.stdout
+    run_dir = out / "nan"
+    metrics = read_metrics(run_dir)  # valid JSON throughout (non-finite values are null)
+    assert metrics[-1]["step"] < 40
+    assert any(m.get("train/loss") is None and "train/lr" in m for m in metrics) or any(
+        m.get("train/skipped_steps") for m in metrics
+    )
+    checkpoints = list((run_dir / "checkpoints").iterdir())
+    assert checkpoints and all(c.name.startswith("step_") for c in checkpoints)
+    for checkpoint in checkpoints:
+        for name, tensor in load_file(checkpoint / "model.safetensors").items():
+            assert torch.isfinite(tensor).all(), (checkpoint.name, name)
 
 
 @pytest.fixture

@@ -7,6 +7,7 @@ Defaults are never repeated here: they live in ``conf/`` only.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -19,6 +20,11 @@ def _positive_int(cfg: DictConfig, key: str, allow_zero: bool = False) -> None:
     low = 0 if allow_zero else 1
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise ConfigError(f"{key}={value!r} must be an integer >= {low}")
+
+
+def _finite(value) -> bool:
+    """A real number (not a bool, nan or inf)."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def resume_mode(value) -> str | None:
@@ -47,14 +53,14 @@ def validate(cfg: DictConfig) -> None:
         _positive_int(cfg, key)
     _positive_int(cfg, "trainer.eval_batches", allow_zero=True)
     clip = cfg.trainer.grad_clip
-    if clip is not None and (not isinstance(clip, int | float) or clip < 0):
-        raise ConfigError(f"trainer.grad_clip={clip!r} must be a number >= 0 or null")
+    if clip is not None and not (_finite(clip) and clip >= 0):
+        raise ConfigError(f"trainer.grad_clip={clip!r} must be a finite number >= 0 or null")
     lr = cfg.optim.lr
-    if isinstance(lr, bool) or not isinstance(lr, int | float) or lr <= 0:
-        raise ConfigError(f"optim.lr={lr!r} must be a number > 0")
+    if not (_finite(lr) and lr > 0):
+        raise ConfigError(f"optim.lr={lr!r} must be a finite number > 0")
     wd = cfg.optim.weight_decay
-    if isinstance(wd, bool) or not isinstance(wd, int | float) or wd < 0:
-        raise ConfigError(f"optim.weight_decay={wd!r} must be a number >= 0")
+    if not (_finite(wd) and wd >= 0):
+        raise ConfigError(f"optim.weight_decay={wd!r} must be a finite number >= 0")
     if not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool):
         raise ConfigError(f"seed={cfg.seed!r} must be an integer")
     mode = resume_mode(cfg.resume)

@@ -346,6 +346,11 @@ class Trainer:
         return named
 
     def save(self) -> None:
+        if not all(bool(torch.isfinite(p).all()) for p in self.parameters()):
+            raise TrainingDiverged(
+                f"training diverged: the weights at step {self.step} are not finite, so no "
+                f"checkpoint was written (lower optim.lr or set trainer.grad_clip)"
+            )
         if self.env.is_main:
             meta = {
                 **self.checkpoint_meta(),
