@@ -23,6 +23,7 @@ from lmpipe.models import LM, build_from_config_dict, build_lm, lm_class
 from lmpipe.seeding import derive_seed
 from lmpipe.tracking import build_logger
 from lmpipe.tracking.jsonl import read_metrics
+from lmpipe.tracking.status import mark_running, recorded
 from lmpipe.training.checkpoint import (
     Checkpoint,
     latest_checkpoint,
@@ -53,7 +54,9 @@ def train(cfg: DictConfig, run_dir: Path) -> Path:
     env = init_distributed(hardware.device.type)
     try:
         # Each rank's Hydra picked a run directory; rank 0's choice is the one.
-        return _train(cfg, Path(broadcast_from_main(str(run_dir), env)), hardware, env)
+        run_dir = Path(broadcast_from_main(str(run_dir), env))
+        with recorded(run_dir, env.is_main):  # status.json: finished, failed, interrupted
+            return _train(cfg, run_dir, hardware, env)
     finally:
         shutdown(env)
 
@@ -167,7 +170,11 @@ def _train(cfg: DictConfig, run_dir: Path, hardware: Hardware, env: DistEnv) -> 
         origin = f"resuming from {resume_from.path} (step {resume_from.step})"
     else:
         origin = f"weights from {source.path}" if source is not None else "fresh weights"
-    _say(env, _plan(cfg, trainer, data, static_meta["model_name"], origin, inputs.description))
+    plan = _plan(cfg, trainer, data, static_meta["model_name"], origin, inputs.description)
+    _say(env, plan)
+    if env.is_main:  # for those watching the run (the web UI)
+        (run_dir / "plan.txt").write_text(plan + "\n")
+        mark_running(run_dir)
     if trainer.step >= tcfg.max_steps:
         _say(
             env, f"run already complete at step {trainer.step} (trainer.max_steps={tcfg.max_steps})"
