@@ -159,3 +159,27 @@ def save_random_checkpoint(
     }
     save_checkpoint(path, model=model, trainer_state={}, tokenizer=data.tokenizer, meta=meta)
     return path
+
+
+# --- a finished run to look at and talk to (UI, API) -------------------------------------
+CHAT_RUN = [
+    *TINY,
+    "stage=sft",
+    "data=demo_chat",
+    "data.sources.0.num_records=1000",
+    "trainer.max_steps=60",
+    "trainer.log_interval=10",
+    "trainer.eval_interval=30",
+    "trainer.save_interval=30",
+    "trainer.eval_batches=2",
+]
+
+
+@pytest.fixture(scope="session")
+def chat_run(tmp_path_factory, cache_dir) -> Path:
+    """A tiny model fine-tuned from scratch on demo chats for a few seconds (in this
+    process, through ``lmpipe.api.train``): a finished run with two checkpoints."""
+    from lmpipe import api
+
+    out = tmp_path_factory.mktemp("chat_run")
+    return api.train([*CHAT_RUN, f"out_dir={out}", f"cache_dir={cache_dir}"])
