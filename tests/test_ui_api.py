@@ -22,7 +22,7 @@ from lmpipe.tracking.jsonl import JsonlSink  # noqa: E402
 from lmpipe.tracking.status import mark_running  # noqa: E402
 from lmpipe.ui.app import create_app  # noqa: E402
 
-from conftest import CHAT_RUN  # noqa: E402
+from conftest import CHAT_RUN, data_config, save_random_checkpoint  # noqa: E402
 
 PROMPT = "What is 2 plus 3?"
 SECRET = b"\x89PNG TOP-SECRET-BYTES"
@@ -296,3 +296,31 @@ def test_access_token(finished):
         assert client.get("/api/runs").status_code == 200  # the cookie it set
         page = client.get("/")
     assert page.status_code == 200 and b'<main id="view">' in page.content
+
+
+def test_chat_with_a_diffusion_checkpoint(tmp_path, cache_dir):
+    """Diffusion writes its whole reply at once (the same as the API's); a reply that leaves
+    no room for the prompt in its block is an error event, not a broken stream."""
+    out = tmp_path / "runs"
+    run_dir = out / "diffusion"
+    checkpoint = save_random_checkpoint(
+        run_dir / "checkpoints" / "step_000000",
+        data_config("demo_chat", 200),
+        cache_dir,
+        arch="diffusion",
+        stage="sft",
+    )
+    (run_dir / "config.yaml").write_text("arch: {name: diffusion}\nstage: {name: sft}\n")
+    messages = [{"role": "user", "content": PROMPT}]
+    body = {"run": "diffusion", "messages": messages, "temperature": 0}
+    with client_for(out) as client:
+        short = events(
+            client.post("/api/chat", json={**body, "max_new_tokens": 8}).text.split("\n")
+        )
+        full = events(
+            client.post("/api/chat", json={**body, "max_new_tokens": 64}).text.split("\n")
+        )
+    assert short[-1][0] == "done"
+    expected = api.load(checkpoint).generate(messages, max_new_tokens=8, temperature=0)
+    assert "".join(data["text"] for name, data in short if name == "token") == expected
+    assert full[-1][0] == "error" and "leaves no room for a prompt" in full[-1][1]["message"]

@@ -17,8 +17,11 @@ import sys
 import tempfile
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
+
+from lmpipe import api
 
 from conftest import CHAT_RUN, cli_env
 
@@ -35,6 +38,8 @@ BROWSER_ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
+PROMPT = "What is 2 plus 3?"
+ENDLESS = "one two three four five"
 pytestmark = pytest.mark.skipif(
     CHROMIUM is None,
     reason="no Chromium found for the browser test: install Debian's chromium "
@@ -65,11 +70,20 @@ def responds(url: str) -> bool:
         return False
 
 
+def endless(chat_run: Path) -> None:
+    """The chat run's greedy continuation of ENDLESS as a document never reaches EOS (it
+    ends turns instead): a reply to stop. Checked here, so that the test cannot race."""
+    model = api.load(chat_run, device="cpu")
+    reply = model.stream(ENDLESS, temperature=0, max_new_tokens=1000)
+    assert sum(1 for _ in reply) >= 990, "the reply to stop ended by itself"
+
+
 @pytest.fixture
 def server(tmp_path, chat_run):
     """``python -m lmpipe.ui`` on a free port, serving runs/ with the finished chat run."""
     out = tmp_path / "runs"
     shutil.copytree(chat_run, out / "chat")
+    endless(chat_run)
     port = free_port()
     log = (tmp_path / "ui.log").open("w")
     process = subprocess.Popen(
@@ -159,7 +173,7 @@ def test_runs_live_curves_and_chat_in_a_browser(server, tmp_path, cache_dir):
             # Chat: a question to the finished run, the reply streamed into the page.
             page.goto(base + "#/chat?run=chat")
             page.fill('input[name="temperature"]', "0")
-            page.fill('textarea[name="message"]', "What is 2 plus 3?")
+            page.fill('textarea[name="message"]', PROMPT)
             page.click("#send")
             reply = page.locator('.message[data-role="assistant"]')
             page.locator('.message[data-role="assistant"][data-state="done"]').wait_for(
@@ -168,6 +182,21 @@ def test_runs_live_curves_and_chat_in_a_browser(server, tmp_path, cache_dir):
             assert int(reply.get_attribute("data-pieces")) > 1
             assert reply.locator(".text").inner_text().strip()
             page.screenshot(path=shots / "chat.png", full_page=True)
+
+            # Stop: a reply that would go on for 8000 tokens stops when asked, mid-stream.
+            page.click("text=New conversation")
+            page.select_option('select[name="mode"]', "text")
+            page.fill('input[name="max_new_tokens"]', "8000")
+            page.fill('textarea[name="message"]', ENDLESS)
+            page.click("#send")
+            wait_until(lambda: int(reply.get_attribute("data-pieces")) >= 20, 60, "a reply")
+            page.click("#stop")
+            page.locator('.message[data-role="assistant"][data-state="stopped"]').wait_for()
+            pieces = int(reply.get_attribute("data-pieces"))
+            time.sleep(1.0)
+            assert int(reply.get_attribute("data-pieces")) == pieces < 990
+            assert page.locator("#send").is_enabled() and page.locator("#stop").is_disabled()
+            page.screenshot(path=shots / "chat_stopped.png", full_page=True)
             assert errors == []
             browser.close()
     finally:

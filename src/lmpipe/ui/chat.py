@@ -98,7 +98,8 @@ class ModelCache:
 
 
 def reply_events(model: api.Model, request: ChatRequest, defaults: dict) -> Iterator[str]:
-    """``token`` events with the reply's text piece by piece, then ``done`` (or ``error``)."""
+    """``token`` events with the reply's text piece by piece (a token that decodes to no text,
+    e.g. a special one, is an empty piece), then ``done`` (or ``error``)."""
     started = time.perf_counter()
     pieces = 0
     try:
