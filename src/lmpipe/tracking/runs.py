@@ -196,24 +196,41 @@ def run_state(
     return "interrupted", f"no final checkpoint, and no new files for {stale_after_s:g} s"
 
 
-def summarize(root: Path, run_dir: Path, stale_after_s: float) -> RunInfo:
-    """What a list of runs shows about ``run_dir`` (under ``root``)."""
-    config = _config(root, run_dir)
-    metrics_path = file_inside(root, run_dir / "metrics.jsonl")
-    records = read_metrics_from(metrics_path)[0] if metrics_path else []
-    checkpoints = checkpoint_steps(run_dir)
-    trainer = config.get("trainer") if isinstance(config.get("trainer"), dict) else {}
-    max_steps = trainer.get("max_steps")
-    max_steps = max_steps if isinstance(max_steps, int) else None
-    last_saved = checkpoints[-1][0] if checkpoints else None
+def _state(
+    root: Path, run_dir: Path, config: dict, checkpoints: list, stale_after_s: float
+) -> tuple[str, str | None, float | None, dict | None]:
+    """(state, why, when the files last changed, the status record), metrics unread."""
+    max_steps = _max_steps(config)
     status = read_status(run_dir) if file_inside(root, run_dir / STATUS_FILE) else None
     times = [
         _mtime(p)
         for p in (run_dir / "metrics.jsonl", run_dir / STATUS_FILE, run_dir / CHECKPOINT_DIR)
     ]
     updated = max((t for t in times if t is not None), default=None)
-    finished = max_steps is not None and last_saved is not None and last_saved >= max_steps
-    state, error = run_state(status, finished, updated, stale_after_s)
+    finished = max_steps is not None and bool(checkpoints) and checkpoints[-1][0] >= max_steps
+    return (*run_state(status, finished, updated, stale_after_s), updated, status)
+
+
+def _max_steps(config: dict) -> int | None:
+    trainer = config.get("trainer")
+    max_steps = trainer.get("max_steps") if isinstance(trainer, dict) else None
+    return max_steps if isinstance(max_steps, int) else None
+
+
+def current_state(root: Path, run_dir: Path, stale_after_s: float) -> tuple[str, str | None, int]:
+    """(state, why, number of checkpoints): what a live view polls (metrics unread)."""
+    checkpoints = checkpoint_steps(run_dir)
+    state, error, _, _ = _state(root, run_dir, _config(root, run_dir), checkpoints, stale_after_s)
+    return state, error, len(checkpoints)
+
+
+def summarize(root: Path, run_dir: Path, stale_after_s: float) -> RunInfo:
+    """What a list of runs shows about ``run_dir`` (under ``root``)."""
+    config = _config(root, run_dir)
+    checkpoints = checkpoint_steps(run_dir)
+    state, error, updated, status = _state(root, run_dir, config, checkpoints, stale_after_s)
+    metrics_path = file_inside(root, run_dir / "metrics.jsonl")
+    records = read_metrics_from(metrics_path)[0] if metrics_path else []
     val: dict[str, float] = {}
     for record in records:
         if any(key.startswith("val/") for key in record):
@@ -231,8 +248,8 @@ def summarize(root: Path, run_dir: Path, stale_after_s: float) -> RunInfo:
         data=_name(config, "data"),
         state=state,
         error=error,
-        step=records[-1]["step"] if records else last_saved,
-        max_steps=max_steps,
+        step=records[-1]["step"] if records else (checkpoints[-1][0] if checkpoints else None),
+        max_steps=_max_steps(config),
         val=val,
         started=started or _mtime(run_dir),
         updated=updated,

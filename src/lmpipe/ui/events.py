@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 from lmpipe.tracking.jsonl import read_metrics_from
-from lmpipe.tracking.runs import file_inside, summarize
+from lmpipe.tracking.runs import current_state, file_inside, summarize
 from lmpipe.ui.details import finite
 
 PING_S = 15.0  # a comment line this often keeps proxies from closing an idle stream
@@ -30,7 +30,8 @@ async def follow_run(
 ) -> AsyncIterator[str]:
     """Events for a run page, until the client goes: ``metrics`` with the records appended
     after byte ``offset`` of metrics.jsonl (complete lines only; the id is the offset to
-    resume from), and ``status`` whenever the run's state or checkpoints change."""
+    resume from), and ``status`` (the run's summary) whenever its state or checkpoints
+    change. Each poll reads only what was appended, and the state from a few small files."""
     shown = None
     last_sent = time.monotonic()
     metrics = run_dir / "metrics.jsonl"
@@ -41,11 +42,10 @@ async def follow_run(
         if records:
             yield sse("metrics", {"records": records, "offset": offset}, event_id=offset)
             last_sent = time.monotonic()
-        info = summarize(root, run_dir, stale_after_s).to_dict()
-        state = (info["state"], info["error"], info["checkpoints"])
+        state = current_state(root, run_dir, stale_after_s)
         if state != shown:
             shown = state
-            yield sse("status", info)
+            yield sse("status", summarize(root, run_dir, stale_after_s).to_dict())
             last_sent = time.monotonic()
         elif time.monotonic() - last_sent > PING_S:
             yield ": ping\n\n"
