@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.lmpipe-installed
 TORCH_INSTALL ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || echo torch==2.13.0)
 EXTRAS ?= dev
 
-.PHONY: install demo test test-slow lint format bench clean
+.PHONY: install demo ui chromium test test-slow lint format bench clean
 
 install: $(STAMP)
 
@@ -20,6 +20,17 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(BIN)/python -m lmpipe.pipeline pipeline=lifecycle
+
+ui: $(STAMP)  # the web UI on http://127.0.0.1:8000 (make ui ARGS="out_dir=runs port=8080")
+	$(BIN)/python -m lmpipe.ui $(ARGS)
+
+# The browser test drives the system's Chromium (Playwright cannot download its own here):
+# Debian's package, installed as root when missing; without it that test is skipped.
+chromium:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 \
+	  || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
+	       && apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; } \
+	  || echo "chromium: not installed (needs root and apt-get); the browser test will be skipped"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

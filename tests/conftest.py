@@ -161,25 +161,38 @@ def save_random_checkpoint(
     return path
 
 
-# --- configs composed in-process (no subprocess: seconds, not tens of seconds) ----------
-def compose_train(*overrides: str):
-    """``conf/train.yaml`` composed with ``overrides`` as ``python -m lmpipe.train`` would."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    from lmpipe.rundir import register_resolvers
-
-    register_resolvers()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        return compose("train", overrides=list(overrides))
-
-
+# --- runs assembled in-process (no subprocess: seconds, not tens of seconds) -------------
 def build_cpu_run(run_dir: Path, *overrides: str):
-    """``lmpipe.training.run.build_run`` on the CPU for a composed config."""
+    """``lmpipe.training.run.build_run`` on the CPU for ``lmpipe.train``'s config with
+    these overrides."""
+    from lmpipe import api
     from lmpipe.training.distributed import DistEnv
     from lmpipe.training.hardware import resolve_hardware
     from lmpipe.training.run import build_run
 
-    cfg = compose_train("hardware=cpu", *overrides)
+    cfg = api.compose("train", ["hardware=cpu", *overrides])
     return build_run(cfg, run_dir, resolve_hardware({"device": "cpu"}), DistEnv())
+
+
+# --- a finished run to look at and talk to (UI, API) -------------------------------------
+CHAT_RUN = [
+    *TINY,
+    "stage=sft",
+    "data=demo_chat",
+    "data.sources.0.num_records=1000",
+    "trainer.max_steps=60",
+    "trainer.log_interval=10",
+    "trainer.eval_interval=30",
+    "trainer.save_interval=30",
+    "trainer.eval_batches=2",
+]
+
+
+@pytest.fixture(scope="session")
+def chat_run(tmp_path_factory, cache_dir) -> Path:
+    """A tiny model fine-tuned from scratch on demo chats for a few seconds (in this
+    process, through ``lmpipe.api.train``): a finished run with two checkpoints."""
+    from lmpipe import api
+
+    out = tmp_path_factory.mktemp("chat_run")
+    return api.train([*CHAT_RUN, f"out_dir={out}", f"cache_dir={cache_dir}"])

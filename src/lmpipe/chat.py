@@ -62,7 +62,7 @@ def main(cfg: DictConfig) -> None:
 
 def _chat(cfg: DictConfig) -> None:
     from lmpipe.errors import ConfigError
-    from lmpipe.eval.generation import prompt_budget, stream_completion
+    from lmpipe.eval.generation import encode_prompt, prompt_budget, stream_completion
     from lmpipe.training.checkpoint import resolve_checkpoint
     from lmpipe.training.hardware import resolve_hardware
 
@@ -75,12 +75,12 @@ def _chat(cfg: DictConfig) -> None:
     prompt_budget(model, cfg.max_new_tokens)  # fail now, not at the first turn
 
     def reply(messages: list[dict], turn: int) -> Iterator[str]:
-        ids = tokenizer.encode(tokenizer.render_chat(messages, add_generation_prompt=True))
+        ids, stop_ids = encode_prompt(tokenizer, messages)
         tokens = stream_completion(
             model,
             ids,
             max_new_tokens=cfg.max_new_tokens,
-            stop_ids=(tokenizer.turn_end_id, tokenizer.eos_id),
+            stop_ids=stop_ids,
             device=device,
             temperature=cfg.temperature,
             top_k=cfg.top_k,

@@ -36,7 +36,7 @@ def main(cfg: DictConfig) -> None:
 
 def _generate(cfg: DictConfig) -> None:
     from lmpipe.errors import ConfigError
-    from lmpipe.eval.generation import complete, stream_completion
+    from lmpipe.eval.generation import complete, encode_prompt, stream_completion
     from lmpipe.training.checkpoint import resolve_checkpoint
     from lmpipe.training.hardware import resolve_hardware
 
@@ -49,14 +49,10 @@ def _generate(cfg: DictConfig) -> None:
     text = _prompt_text(cfg)
     if cfg.chat:
         system = [{"role": "system", "content": cfg.system}] if cfg.system else []
-        messages = [*system, {"role": "user", "content": text}]
-        ids = tokenizer.encode(tokenizer.render_chat(messages, add_generation_prompt=True))
-        stop_ids = (tokenizer.turn_end_id, tokenizer.eos_id)
+        ids, stop_ids = encode_prompt(tokenizer, [*system, {"role": "user", "content": text}])
         shown = ""  # a chat shows the reply only
     else:
-        # Documents follow EOS in training: EOS + prompt is "a document starting with it".
-        ids = [tokenizer.eos_id, *tokenizer.encode(text)]
-        stop_ids = (tokenizer.eos_id,)
+        ids, stop_ids = encode_prompt(tokenizer, text)
         shown = text
     options = {
         "max_new_tokens": cfg.max_new_tokens,

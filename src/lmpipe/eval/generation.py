@@ -15,8 +15,22 @@ import torch
 from tqdm.auto import tqdm
 
 from lmpipe.batch import left_padded
+from lmpipe.data.tokenizer import Tokenizer
 from lmpipe.errors import ConfigError
 from lmpipe.models import LM
+
+
+def encode_prompt(tokenizer: Tokenizer, prompt: str | list[dict]) -> tuple[list[int], tuple]:
+    """The ids a model completes for ``prompt`` and the ids its completion stops at.
+
+    Messages (``[{role, content}]``) go through the chat template up to the assistant's
+    turn, which the template's end of turn ends; text follows EOS, the way documents
+    start in training ("a document starting with it"), and ends at EOS.
+    """
+    if isinstance(prompt, str):
+        return [tokenizer.eos_id, *tokenizer.encode(prompt)], (tokenizer.eos_id,)
+    text = tokenizer.render_chat(list(prompt), add_generation_prompt=True)
+    return tokenizer.encode(text), (tokenizer.turn_end_id, tokenizer.eos_id)
 
 
 def prompt_budget(model: LM, max_new_tokens: int) -> int:

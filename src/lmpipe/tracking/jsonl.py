@@ -9,12 +9,43 @@ import time
 from pathlib import Path
 
 
+def parse_records(data: bytes) -> tuple[list[dict], int]:
+    """The records of the complete lines in ``data`` and how many bytes those lines take.
+
+    A last line without its newline is still being written: it is left for a later read.
+    A line that is not a JSON object (a write cut short by a kill, before a resume appended
+    to it) is skipped, so one bad line never hides the others.
+    """
+    end = data.rfind(b"\n") + 1
+    records = []
+    for line in data[:end].splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int):
+            records.append(record)
+    return records, end
+
+
+def read_metrics_from(path: Path, offset: int = 0) -> tuple[list[dict], int]:
+    """The records appended to a metrics file after byte ``offset`` and the offset to read
+    on from (a file that shrank, i.e. was replaced, is read again from the start)."""
+    try:
+        with Path(path).open("rb") as fh:
+            if offset > fh.seek(0, 2):
+                offset = 0
+            fh.seek(offset)
+            data = fh.read()
+    except FileNotFoundError:
+        return [], 0
+    records, used = parse_records(data)
+    return records, offset + used
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
-    """Every line of a run's metrics.jsonl (empty when there is none yet)."""
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """Every record of a run's metrics.jsonl (empty when there is none yet)."""
+    return read_metrics_from(Path(run_dir) / "metrics.jsonl")[0]
 
 
 class JsonlSink:

@@ -26,6 +26,7 @@ from lmpipe.objectives.base import ObjectiveContext
 from lmpipe.seeding import derive_seed
 from lmpipe.tracking import MetricLogger, build_logger
 from lmpipe.tracking.jsonl import read_metrics
+from lmpipe.tracking.status import mark_running, recorded
 from lmpipe.training.checkpoint import (
     Checkpoint,
     latest_checkpoint,
@@ -56,8 +57,9 @@ def train(cfg: DictConfig, run_dir: Path) -> Path:
     env = init_distributed(hardware.device.type)
     try:
         # Each rank's Hydra picked a run directory; rank 0's choice is the one.
-        run = build_run(cfg, Path(broadcast_from_main(str(run_dir), env)), hardware, env)
-        return start(run)
+        run_dir = Path(broadcast_from_main(str(run_dir), env))
+        with recorded(run_dir, env.is_main):  # status.json: finished, failed, interrupted
+            return start(build_run(cfg, run_dir, hardware, env))
     finally:
         shutdown(env)
 
@@ -200,12 +202,14 @@ def build_run(cfg: DictConfig, run_dir: Path, hardware: Hardware, env: DistEnv) 
 
 
 def start(run: Run) -> Path:
-    """Write the run's config, open its metric sinks and train to ``max_steps``."""
+    """Write the run's config and plan, open its metric sinks and train to ``max_steps``."""
     cfg, trainer, env = run.cfg, run.trainer, run.trainer.env
     run_dir = trainer.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     if env.is_main:
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        (run_dir / "plan.txt").write_text(run.plan + "\n")  # for those watching (the web UI)
+        mark_running(run_dir)
     trainer.logger = build_logger(
         OmegaConf.to_container(cfg.logger),
         run_dir,
