@@ -1,15 +1,27 @@
-"""Helpers shared by the benchmark scripts: data, timing and tables."""
+"""Helpers shared by the benchmark scripts: data, lmpipe's Trainer, timing and tables."""
 
 from __future__ import annotations
 
+import json
 import os
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
+
+from lmpipe import api
+from lmpipe.data.tokenizer import Tokenizer
+from lmpipe.models import LM
+from lmpipe.objectives import Objective
+from lmpipe.training.distributed import DistEnv
+from lmpipe.training.hardware import resolve_hardware
+from lmpipe.training.run import assemble_trainer
+from lmpipe.training.trainer import Trainer
 
 DATA_DIR = Path(
     os.environ.get(
@@ -30,6 +42,48 @@ def shakespeare_char_tokens() -> tuple[np.ndarray, int, str]:
     chars = sorted(set(text))
     lookup = {c: i for i, c in enumerate(chars)}
     return np.array([lookup[c] for c in text], dtype=np.int64), len(chars), source
+
+
+def optim_overrides(optim: dict) -> list[str]:
+    """``optim.<key>=<value>`` overrides: the optimizer settings a peer gets, for lmpipe."""
+    return [f"optim.{key}={json.dumps(value).replace(' ', '')}" for key, value in optim.items()]
+
+
+def lmpipe_trainer(
+    model: LM,
+    objective: Objective,
+    *overrides: str,
+    tokenizer: Tokenizer,
+    sampler=None,
+    run_dir: Path | None = None,
+    train_model: torch.nn.Module | None = None,
+) -> Trainer:
+    """lmpipe's Trainer as a run assembles it (``assemble_trainer``) from ``lmpipe.train``'s
+    config with these overrides: on the CPU in fp32, for as many steps as a benchmark
+    takes, at a constant LR unless the overrides say otherwise."""
+    cfg = api.compose(
+        "train",
+        [
+            "hardware=cpu",
+            "trainer.max_steps=1000000000",
+            "schedule.name=constant",
+            "schedule.warmup_steps=0",
+            "seed=0",
+            *overrides,
+        ],
+    )
+    return assemble_trainer(
+        cfg,
+        model=model,
+        objective=objective,
+        sampler=sampler,  # None: the benchmark calls train_step with its own batches
+        val_sets={},
+        tokenizer=tokenizer,
+        hardware=resolve_hardware(OmegaConf.to_container(cfg.hardware)),
+        env=DistEnv(),
+        run_dir=run_dir or Path(tempfile.mkdtemp(prefix="lmpipe-bench-")),
+        train_model=train_model,
+    )
 
 
 def random_rows(

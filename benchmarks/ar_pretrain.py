@@ -12,28 +12,27 @@ and the ratio lmpipe / HF.
 from __future__ import annotations
 
 import argparse
-import tempfile
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from omegaconf import OmegaConf
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from lmpipe.batch import Batch
+from lmpipe.config import group_option
 from lmpipe.data.tokenizer import Tokenizer
 from lmpipe.models import build_lm
 from lmpipe.objectives.ce import CrossEntropy
-from lmpipe.tracking import MetricLogger
-from lmpipe.training.distributed import DistEnv
-from lmpipe.training.hardware import resolve_hardware
-from lmpipe.training.optim import build_optimizer
-from lmpipe.training.schedule import build_schedule
-from lmpipe.training.trainer import Trainer, TrainerConfig
 
-from _common import interleaved_times, median, print_table, random_rows, shakespeare_char_tokens
+from _common import (
+    interleaved_times,
+    lmpipe_trainer,
+    median,
+    optim_overrides,
+    print_table,
+    random_rows,
+    shakespeare_char_tokens,
+)
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
 OPTIM = {"name": "adamw", "lr": 1e-3, "betas": [0.9, 0.99], "weight_decay": 0.1, "eps": 1e-8}
 
 
@@ -42,7 +41,7 @@ def lmpipe_step(
 ):
     """A step of lmpipe's Trainer on a model from ``conf/model/<preset>.yaml`` resized to the
     benchmark dimensions (plus ``changes``)."""
-    layout = OmegaConf.to_container(OmegaConf.load(CONF / "model" / f"{preset}.yaml"))
+    layout = group_option("model", preset)
     layout.update(
         n_layer=args.n_layer,
         n_head=args.n_head,
@@ -51,27 +50,16 @@ def lmpipe_step(
         dropout=0.0,
         **changes,
     )
-    model = build_lm({"_target_": "lmpipe.models.ar.ARLM"}, layout, vocab)
-    hardware = resolve_hardware({"device": "cpu", "precision": "fp32", "compile": compile})
-    cfg = TrainerConfig(
-        max_steps=10**9, batch_size=args.batch, block_size=args.block, grad_clip=1.0
-    )
-    trainer = Trainer(
-        config=cfg,
-        model=model,
-        train_model=torch.compile(model) if compile else model,
-        objective=CrossEntropy(),
-        optimizer=build_optimizer(model, OPTIM, hardware.device),
-        schedule=build_schedule({"warmup_steps": 0}, OPTIM["lr"], cfg.max_steps),
-        sampler=None,  # train_step is called directly with the batches
-        val_sets={},
-        hardware=hardware,
-        env=DistEnv(),
-        logger=MetricLogger([]),
-        run_dir=Path(tempfile.mkdtemp()),
+    model = build_lm(group_option("arch", "ar"), layout, vocab)
+    trainer = lmpipe_trainer(
+        model,
+        CrossEntropy(),
+        f"trainer.batch_size={args.batch}",
+        f"trainer.block_size={args.block}",
+        "trainer.grad_clip=1.0",
+        *optim_overrides(OPTIM),
         tokenizer=Tokenizer.build_char("a"),
-        checkpoint_meta=dict,
-        seed=0,
+        train_model=torch.compile(model) if compile else model,
     )
     batches = [Batch(r, torch.ones_like(r, dtype=torch.float32)) for r in rows]
     return model, lambda i: trainer.train_step(batches[i % len(batches)])

@@ -101,9 +101,6 @@ def run_lmpipe(args, data, episodes, sampler, base, precompute: bool, total: int
         beta=BETA, loss_type="sigmoid", label_smoothing=0.0, precompute_ref=precompute, mc_samples=1
     )
     run_dir = Path(tempfile.mkdtemp(prefix="lmpipe-bench-dpo-"))
-    trainer = lmpipe_trainer(
-        base, objective, sampler, data, args.batch, args.block, lmpipe_optim(args.lr), run_dir
-    )
     # The reference is a frozen copy of the starting policy; precomputed, it scores every
     # pair once and is dropped, leaving one model in memory.
     objective.setup(
@@ -118,6 +115,9 @@ def run_lmpipe(args, data, episodes, sampler, base, precompute: bool, total: int
             seed=0,
             starting_model=lambda: copy.deepcopy(base).requires_grad_(False).eval(),
         )
+    )
+    trainer = lmpipe_trainer(
+        base, objective, sampler, data, args.batch, args.block, lmpipe_optim(args.lr), run_dir
     )
     batches = [sampler.batch(i) for i in range(total)]
     times, metrics = [], {}

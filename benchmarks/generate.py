@@ -20,17 +20,15 @@ semi-autoregressive blocks of a quarter of the reply. Their "same tokens" column
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 
+from lmpipe.config import group_option
 from lmpipe.models import build_lm
 from lmpipe.models.hf_export import to_hf
 
 from _common import interleaved_times, median, print_table
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
 BASELINE = "HF generate (use_cache=True)"
 
 
@@ -99,17 +97,17 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device(args.device)
 
-    layout = OmegaConf.to_container(OmegaConf.load(CONF / "model" / f"{args.preset}.yaml"))
+    layout = group_option("model", args.preset)
     if args.prompt_tokens + args.new_tokens > layout["block_size"]:
         parser.error(f"prompt + new tokens exceed block_size {layout['block_size']}")
     torch.manual_seed(0)
-    model = build_lm({"_target_": "lmpipe.models.ar.ARLM"}, layout, args.vocab).eval()
+    model = build_lm(group_option("arch", "ar"), layout, args.vocab).eval()
     hf = to_hf(model).to(device)
     model.to(device)
     hf.generation_config.eos_token_id = None  # a fixed number of new tokens
     # Masked diffusion of the same dimensions (no eos_id given: all new positions filled).
     diffusion = build_lm(
-        {"_target_": "lmpipe.models.diffusion.DiffusionLM"},
+        group_option("arch", "diffusion"),
         layout,
         args.vocab,
         {"pad": 0, "eos": 1, "mask": args.vocab - 1},

@@ -57,7 +57,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf
 
 from lmpipe.batch import Batch
 from lmpipe.config import group_option
@@ -67,17 +66,12 @@ from lmpipe.models import LM, build_lm
 from lmpipe.models.hf_export import to_hf
 from lmpipe.objectives import Objective
 from lmpipe.objectives.sft import MaskedSFT
-from lmpipe.tracking import MetricLogger
-from lmpipe.training.distributed import DistEnv
-from lmpipe.training.hardware import resolve_hardware
-from lmpipe.training.optim import build_optimizer
-from lmpipe.training.schedule import build_schedule
-from lmpipe.training.trainer import Trainer, TrainerConfig
+from lmpipe.training.trainer import Trainer
 
-from _common import print_table
+from _common import lmpipe_trainer as common_trainer
+from _common import optim_overrides, print_table
 
 ROOT = Path(__file__).resolve().parents[1]
-CONF = ROOT / "conf"
 # lmpipe's built-in chat template (lmpipe.data.tokenizer.BUILTIN_CHAT_TEMPLATE) with HF's
 # {% generation %} markers around what lmpipe trains on in an assistant turn.
 TRL_CHAT_TEMPLATE = (
@@ -151,10 +145,10 @@ def conversation_tokens(batch: Batch, pad_id: int, eos_id: int) -> int:
 
 
 def lmpipe_model(preset: str, block: int, data: PreparedData) -> LM:
-    layout = OmegaConf.to_container(OmegaConf.load(CONF / "model" / f"{preset}.yaml"))
+    layout = group_option("model", preset)
     layout.update(block_size=max(block + 1, int(layout["block_size"])), dropout=0.0)
     return build_lm(
-        {"_target_": "lmpipe.models.ar.ARLM"},
+        group_option("arch", "ar"),
         layout,
         data.tokenizer.vocab_size,
         data.tokenizer.special_ids,
@@ -181,25 +175,17 @@ def lmpipe_trainer(
     optim: dict,
     run_dir: Path,
 ) -> Trainer:
-    """lmpipe's Trainer as ``lmpipe.training.run`` assembles it: CPU, fp32, constant LR."""
-    hardware = resolve_hardware({"device": "cpu", "precision": "fp32", "compile": False})
-    cfg = TrainerConfig(max_steps=10**9, batch_size=batch, block_size=block, grad_clip=1.0)
-    return Trainer(
-        config=cfg,
-        model=model,
-        train_model=model,
-        objective=objective,
-        optimizer=build_optimizer(model, optim, hardware.device),
-        schedule=build_schedule({"name": "constant", "warmup_steps": 0}, optim["lr"], 10**9),
-        sampler=sampler,
-        val_sets={},
-        hardware=hardware,
-        env=DistEnv(),
-        logger=MetricLogger([]),
-        run_dir=run_dir,
+    """lmpipe's Trainer as a run assembles it: CPU, fp32, constant LR, ``optim``."""
+    return common_trainer(
+        model,
+        objective,
+        f"trainer.batch_size={batch}",
+        f"trainer.block_size={block}",
+        "trainer.grad_clip=1.0",
+        *optim_overrides(optim),
         tokenizer=data.tokenizer,
-        checkpoint_meta=dict,
-        seed=0,
+        sampler=sampler,
+        run_dir=run_dir,
     )
 
 

@@ -102,7 +102,13 @@ def assert_one_line_error(proc, *fragments: str) -> None:
 
 
 # --- checkpoints without training (evaluation, export) ----------------------------------
-LM_CLASSES = {"ar": "lmpipe.models.ar.ARLM", "diffusion": "lmpipe.models.diffusion.DiffusionLM"}
+def arch_config(name: str) -> dict:
+    """``conf/arch/<name>.yaml``: the LM class (``_target_``) and its knobs."""
+    from lmpipe.config import group_option
+
+    return group_option("arch", name)
+
+
 TINY_SHAPE = {"n_layer": 2, "n_head": 2, "d_model": 32, "block_size": 64}
 
 
@@ -139,7 +145,7 @@ def save_random_checkpoint(
     data = prepare(data_cfg, cache_dir, progress=False)
     torch.manual_seed(seed)
     model = build_lm(
-        {"_target_": LM_CLASSES[arch]},
+        arch_config(arch),
         {**TINY_SHAPE, **shape},
         data.tokenizer.vocab_size,
         data.tokenizer.special_ids,
@@ -165,13 +171,16 @@ def save_random_checkpoint(
 def build_cpu_run(run_dir: Path, *overrides: str):
     """``lmpipe.training.run.build_run`` on the CPU for ``lmpipe.train``'s config with
     these overrides."""
+    from omegaconf import OmegaConf
+
     from lmpipe import api
     from lmpipe.training.distributed import DistEnv
     from lmpipe.training.hardware import resolve_hardware
     from lmpipe.training.run import build_run
 
     cfg = api.compose("train", ["hardware=cpu", *overrides])
-    return build_run(cfg, run_dir, resolve_hardware({"device": "cpu"}), DistEnv())
+    hardware = resolve_hardware(OmegaConf.to_container(cfg.hardware))
+    return build_run(cfg, run_dir, hardware, DistEnv())
 
 
 # --- a finished run to look at and talk to (UI, API) -------------------------------------

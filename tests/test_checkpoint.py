@@ -9,11 +9,13 @@ from lmpipe.errors import CheckpointError
 from lmpipe.models import build_lm
 from lmpipe.training import checkpoint as ckpt
 
+from conftest import arch_config
+
 
 def make_model(seed=0):
     torch.manual_seed(seed)
     return build_lm(
-        {"_target_": "lmpipe.models.ar.ARLM"},
+        arch_config("ar"),
         {"n_layer": 1, "n_head": 2, "d_model": 16, "block_size": 8},
         19,
     )

@@ -24,7 +24,7 @@ from lmpipe.eval.tasks import answer_accuracy, greedy_replies, reward_metrics
 from lmpipe.models import build_lm
 from lmpipe.objectives.rewards import AnswerMatch, Format
 
-from conftest import LM_CLASSES, TINY_SHAPE, data_config, save_random_checkpoint
+from conftest import TINY_SHAPE, arch_config, data_config, save_random_checkpoint
 
 CPU = torch.device("cpu")
 
@@ -181,7 +181,7 @@ def test_a_model_that_answers_right_scores_one_and_wrong_zero(chat_data):
 def sharp_model(data, arch="ar"):
     torch.manual_seed(0)
     model = build_lm(
-        {"_target_": LM_CLASSES[arch]},
+        arch_config(arch),
         TINY_SHAPE,
         data.tokenizer.vocab_size,
         data.tokenizer.special_ids,
@@ -305,14 +305,17 @@ def test_a_bound_is_scored_on_the_same_noise_every_time(tmp_path, cache_dir):
     assert f"| val/perplexity | {first['val/perplexity']:.4g} (bound) |" in table
 
 
-def test_the_runs_own_data_is_reused_while_cached(tmp_path, cache_dir):
-    train_cache, eval_cache = tmp_path / "train-cache", tmp_path / "eval-cache"
-    path = save_random_checkpoint(tmp_path / "ckpt", data_config("demo", 200), train_cache)
-    first = run_eval(path, eval_cache, metrics=["perplexity"])
-    assert not eval_cache.exists()
-    shutil.rmtree(train_cache)
-    assert run_eval(path, eval_cache, metrics=["perplexity"]) == first  # prepared again
-    assert len(list((eval_cache / "data").iterdir())) == 1
+def test_the_runs_own_data_is_reused_while_cached_in_cache_dir(tmp_path):
+    cache, other = tmp_path / "cache", tmp_path / "other-cache"
+    path = save_random_checkpoint(tmp_path / "ckpt", data_config("demo", 200), cache)
+    first = run_eval(path, cache, metrics=["perplexity"])
+    assert len(list((cache / "data").iterdir())) == 1  # the run's own, reused
+    # In another cache_dir the run's data_dir is not opened (a checkpoint's paths stay
+    # inside what the user names): its built-in data is prepared again there.
+    assert run_eval(path, other, metrics=["perplexity"]) == first
+    assert len(list((other / "data").iterdir())) == 1
+    shutil.rmtree(cache)
+    assert run_eval(path, cache, metrics=["perplexity"]) == first  # prepared again
 
 
 def test_bad_options_fail_before_anything_is_loaded():

@@ -16,7 +16,7 @@ from lmpipe.models import build_lm
 from lmpipe.models.hf_export import export, to_hf
 from lmpipe.training.checkpoint import load_checkpoint
 
-from conftest import LM_CLASSES, data_config, save_random_checkpoint
+from conftest import arch_config, data_config, save_random_checkpoint
 
 LLAMA = {"mlp": "swiglu", "norm": "rmsnorm", "pos_emb": "rope"}
 GPT2 = {"mlp": "gelu", "norm": "layernorm", "pos_emb": "learned"}
@@ -33,7 +33,7 @@ def sharp_model(arch="ar", **layout):
     a wrong mapping of any weight would show."""
     torch.manual_seed(0)
     shape = {"n_layer": 2, "n_head": 2, "d_model": 32, "block_size": 24, **layout}
-    model = build_lm({"_target_": LM_CLASSES[arch]}, shape, 41, {"pad": 0, "eos": 2, "mask": 3})
+    model = build_lm(arch_config(arch), shape, 41, {"pad": 0, "eos": 2, "mask": 3})
     with torch.no_grad():
         for param in model.parameters():
             param.normal_(0.0, 0.3)

@@ -3,10 +3,25 @@ import math
 import pytest
 import torch
 
+from lmpipe import api
 from lmpipe.errors import ConfigError
 from lmpipe.models import build_lm
-from lmpipe.training.optim import build_optimizer, param_groups
-from lmpipe.training.schedule import build_schedule
+from lmpipe.training.optim import build_optimizer as build_adamw
+from lmpipe.training.optim import param_groups
+from lmpipe.training.schedule import build_schedule as build_from_dict
+
+from conftest import arch_config
+
+# The defaults a run has (conf/train.yaml), which each case changes.
+DEFAULTS = api.compose("train")
+
+
+def build_schedule(changes: dict, lr: float, max_steps: int):
+    return build_from_dict({**DEFAULTS.schedule, **changes}, lr, max_steps)
+
+
+def build_optimizer(model, changes: dict, device):
+    return build_adamw(model, {**DEFAULTS.optim, **changes}, device)
 
 
 def test_cosine_warmup_plan_endpoints():
@@ -50,7 +65,7 @@ def test_bad_schedules(cfg):
 
 def test_weight_decay_skips_norms_biases_and_embeddings():
     model = build_lm(
-        {"_target_": "lmpipe.models.ar.ARLM"},
+        arch_config("ar"),
         {
             "n_layer": 1,
             "n_head": 2,
@@ -89,13 +104,11 @@ def test_bad_optimizer_config():
 
 def test_midtrain_rewarmup_plan_from_the_stage_config():
     """stage=midtrain: LR/10 -> LR over 5% of the steps, then cosine to LR/10 at the end."""
-    from pathlib import Path
-
     from omegaconf import OmegaConf
 
-    stage = OmegaConf.load(Path(__file__).resolve().parents[1] / "conf/stage/midtrain.yaml")
+    stage = api.compose("train", ["stage=midtrain"])
     lr = float(stage.optim.lr)
-    s = build_schedule(OmegaConf.to_container(stage.schedule), lr, 200)
+    s = build_from_dict(OmegaConf.to_container(stage.schedule), lr, 200)
     assert lr == 2e-4 and s.warmup_steps == 10
     assert s(0) == pytest.approx(lr / 10, rel=1e-12)
     assert s(10) == pytest.approx(lr, rel=1e-12)

@@ -106,7 +106,7 @@ def run_dir_of(cfg: DictConfig) -> Path:
 def train(config: DictConfig | Sequence[str] = ()) -> Path:
     """Train one stage (``python -m lmpipe.train``): a composed config or the overrides to
     compose one. Returns the run directory (its newest checkpoint is the result)."""
-    from lmpipe.training.run import remove_if_empty
+    from lmpipe.rundir import remove_if_empty
     from lmpipe.training.run import train as run_training
 
     cfg = _config(config, "train")
@@ -201,12 +201,12 @@ def load(checkpoint: str | Path | Checkpoint, device: str | None = None) -> Mode
     """Load a checkpoint (or a run directory's newest one) to generate with; ``device``
     as in ``conf/generate.yaml`` (``auto``: CUDA, then MPS, then the CPU)."""
     from lmpipe.training.checkpoint import Checkpoint
-    from lmpipe.training.hardware import resolve_hardware
+    from lmpipe.training.hardware import resolve_device
 
     defaults = compose("generate")
     if not isinstance(checkpoint, Checkpoint):
         checkpoint = load_checkpoint(checkpoint)
-    target = resolve_hardware({"device": device or defaults.device}).device
+    target = resolve_device(device or defaults.device)
     return Model(
         checkpoint=checkpoint,
         lm=checkpoint.build_model().to(target),

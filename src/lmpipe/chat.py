@@ -64,12 +64,12 @@ def _chat(cfg: DictConfig) -> None:
     from lmpipe.errors import ConfigError
     from lmpipe.eval.generation import encode_prompt, prompt_budget, stream_completion
     from lmpipe.training.checkpoint import resolve_checkpoint
-    from lmpipe.training.hardware import resolve_hardware
+    from lmpipe.training.hardware import resolve_device
 
     if cfg.max_new_tokens < 1:
         raise ConfigError(f"max_new_tokens={cfg.max_new_tokens} must be >= 1")
     checkpoint = resolve_checkpoint(cfg.checkpoint, log=lambda m: print(m, file=sys.stderr))
-    device = resolve_hardware({"device": cfg.device}).device
+    device = resolve_device(cfg.device)
     model = checkpoint.build_model().to(device)
     tokenizer = checkpoint.tokenizer()
     prompt_budget(model, cfg.max_new_tokens)  # fail now, not at the first turn

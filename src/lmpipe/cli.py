@@ -43,6 +43,8 @@ def one_line(exc: BaseException) -> str:
 
 def _rephrase(message: str) -> str:
     """Plain words for Hydra's most common complaints."""
+    # An lmpipe error raised inside a resolver (e.g. the run directory's): just its message.
+    message = re.sub(r"^\w+Error raised while resolving interpolation: ", "", message)
     match = re.search(r"Could not override '([^']+)'\.", message)
     if match and "is not in struct" in message:
         key = match.group(1)

@@ -49,6 +49,7 @@ def validate(cfg: DictConfig) -> None:
         "trainer.eval_interval",
         "trainer.save_interval",
         "trainer.keep_last",
+        "trainer.max_bad_steps",
     ):
         _positive_int(cfg, key)
     _positive_int(cfg, "trainer.eval_batches", allow_zero=True)

@@ -38,12 +38,12 @@ def _generate(cfg: DictConfig) -> None:
     from lmpipe.errors import ConfigError
     from lmpipe.eval.generation import complete, encode_prompt, stream_completion
     from lmpipe.training.checkpoint import resolve_checkpoint
-    from lmpipe.training.hardware import resolve_hardware
+    from lmpipe.training.hardware import resolve_device
 
     if cfg.max_new_tokens < 1 or cfg.num_samples < 1:
         raise ConfigError("max_new_tokens and num_samples must be >= 1")
     checkpoint = resolve_checkpoint(cfg.checkpoint, log=lambda m: print(m, file=sys.stderr))
-    device = resolve_hardware({"device": cfg.device}).device
+    device = resolve_device(cfg.device)
     model = checkpoint.build_model().to(device)
     tokenizer = checkpoint.tokenizer()
     text = _prompt_text(cfg)

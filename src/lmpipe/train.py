@@ -20,7 +20,8 @@ register_resolvers()
 def main(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
-    from lmpipe.training.run import remove_if_empty, train
+    from lmpipe.rundir import remove_if_empty
+    from lmpipe.training.run import train
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:

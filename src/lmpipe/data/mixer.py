@@ -9,6 +9,7 @@ wrapping around when it has fewer records than slots; then all slots are shuffle
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 
@@ -20,6 +21,7 @@ from lmpipe.data.tokenizer import TOKENIZER_KINDS
 from lmpipe.errors import ConfigError
 
 SPLIT_METHODS = ("record", "position")
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+=-]{0,99}")
 
 
 def validate_mixture(cfg: dict) -> None:
@@ -27,6 +29,11 @@ def validate_mixture(cfg: dict) -> None:
     name = cfg.get("name")
     if not name:
         raise ConfigError("data.name is required")
+    if not isinstance(name, str) or not SAFE_NAME.fullmatch(name):
+        raise ConfigError(
+            f"data.name={name!r} must be a plain name (letters, digits, '._+=-'; no '/' or "
+            "leading '.'): it names the cache directory"
+        )
     sources = cfg.get("sources") or []
     if not sources:
         raise ConfigError(f"data '{name}': data.sources is empty")

@@ -7,7 +7,9 @@
 The directory name carries a hash of the config and tokenizer, so a second run with the
 same inputs is a cache hit. It is built in a temporary sibling and renamed into place, so
 an error or a kill never leaves a half-written dataset behind. Records are staged on disk
-and read back by byte offset, so memory holds offsets, never the corpus.
+and read back by byte offset, so memory holds offsets, never the corpus. The manifest
+records every file's size and a sampled CRC, checked whenever the entry is opened: a cache
+entry damaged later (truncated, overwritten) is rebuilt instead of trained on.
 """
 
 from __future__ import annotations
@@ -16,8 +18,9 @@ import hashlib
 import json
 import os
 import shutil
+import zlib
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
@@ -34,11 +37,13 @@ from lmpipe.data.mixer import mixture_ratios, plan_mixture, validate_mixture
 from lmpipe.data.shards import ShardWriter, TokenShards, token_dtype
 from lmpipe.data.sources import has_own_val, iter_source
 from lmpipe.data.tokenizer import Tokenizer, build_tokenizer
-from lmpipe.errors import DataError
+from lmpipe.errors import ConfigError, DataError
 
-FORMAT_VERSION = 1  # bump when the on-disk layout or the encoding of records changes
+FORMAT_VERSION = 2  # bump when the on-disk layout or the encoding of records changes
 SPLITS = ("train", "val")
 ENCODE_CHUNK = 1024
+CRC_BLOCK = 1 << 16  # sampled CRC: this many bytes at 18 places of a file (all of a small one)
+CRC_SAMPLES = 18
 
 
 @dataclass
@@ -51,11 +56,21 @@ class PreparedData:
 
     @classmethod
     def open(cls, directory: str | Path) -> PreparedData:
+        """Open a prepared dataset after checking its files against the manifest
+        (DataError naming the first damaged one)."""
         directory = Path(directory)
         manifest_path = directory / "manifest.json"
         if not manifest_path.is_file():
             raise DataError(f"{directory} is not a prepared dataset (no manifest.json)")
-        manifest = json.loads(manifest_path.read_text())
+        try:
+            manifest = json.loads(manifest_path.read_text())
+            files = manifest["files"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise DataError(f"{manifest_path} is unreadable ({exc})") from None
+        for name, expected in files.items():
+            damage = _damage(directory / name, expected)
+            if damage:
+                raise DataError(f"{directory} is damaged: {name} {damage}")
         tokenizer = Tokenizer.load(directory)
         return cls(directory=directory, manifest=manifest, tokenizer=tokenizer)
 
@@ -85,20 +100,31 @@ def prepare(
     tokenizer: Tokenizer | None = None,
     force: bool = False,
     progress: bool = True,
+    log: Callable[[str], None] = print,
 ) -> PreparedData:
     """Prepare (or reuse) the dataset a data config describes.
 
     ``tokenizer``: use this one (e.g. the checkpoint's when a stage starts from another
-    stage) instead of building the one the config names.
+    stage) instead of building the one the config names. A damaged cache entry is rebuilt,
+    saying so through ``log``.
     """
     validate_mixture(cfg)
     out = Path(cache_dir) / "data" / f"{cfg['name']}-{cache_key(cfg, tokenizer)[:12]}"
     if (out / "manifest.json").is_file() and not force:
-        return PreparedData.open(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+        try:
+            return PreparedData.open(out)
+        except DataError as exc:
+            log(f"rebuilding a damaged cache entry: {exc}")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    except OSError as exc:
+        raise ConfigError(
+            f"cache_dir={str(cache_dir)!r} is not a writable directory ({exc.strerror}: "
+            f"{exc.filename})"
+        ) from None
     try:
         _build(cfg, tmp, tokenizer, progress)
         _publish(tmp, out)
@@ -209,8 +235,62 @@ def _build(cfg: dict, out: Path, tokenizer: Tokenizer | None, progress: bool) ->
         },
         "splits": splits,
         "sources": source_stats,
+        "files": {
+            path.name: {"bytes": path.stat().st_size, "crc32": _sampled_crc(path)}
+            for path in sorted(out.iterdir())
+        },
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def _encoding_error(
+    exc: Exception, chunk: list[dict], offset: int, split: str, tokenizer: Tokenizer
+) -> DataError:
+    """Say which characters the tokenizer cannot encode and where the first one is (a
+    character tokenizer from a checkpoint meeting data with characters it never saw)."""
+    unknown: set[str] = set()
+    first = None
+    for i, record in enumerate(chunk):
+        found = tokenizer.unknown_characters("".join(formats.record_texts(record)))
+        if found and first is None:
+            first = f"{split} record {offset + i + 1}, source '{record['source']}'"
+        unknown |= found
+    if not unknown:
+        return DataError(f"the tokenizer cannot encode the {split} data ({exc})")
+    shown = ", ".join(repr(c) for c in sorted(unknown)[:10])
+    more = f" and {len(unknown) - 10} more" if len(unknown) > 10 else ""
+    return DataError(
+        f"the tokenizer has no token for {len(unknown)} character(s) of the data: {shown}"
+        f"{more} (first in {first}); a character tokenizer knows only the characters of "
+        "the data it was built on"
+    )
+
+
+def _sampled_crc(path: Path) -> int:
+    """CRC32 of ``CRC_SAMPLES`` evenly spaced blocks (the whole file when it is small):
+    cheap at any size, and it catches what sizes alone miss (a block overwritten)."""
+    size = path.stat().st_size
+    crc = 0
+    with path.open("rb") as fh:
+        if size <= CRC_BLOCK * CRC_SAMPLES:
+            return zlib.crc32(fh.read())
+        step = (size - CRC_BLOCK) // (CRC_SAMPLES - 1)
+        for i in range(CRC_SAMPLES):
+            fh.seek(i * step)
+            crc = zlib.crc32(fh.read(CRC_BLOCK), crc)
+    return crc
+
+
+def _damage(path: Path, expected: dict) -> str | None:
+    """What is wrong with a cached file, measured against its manifest record."""
+    if not path.is_file():
+        return "is missing"
+    size = path.stat().st_size
+    if size != expected.get("bytes"):
+        return f"has {size} bytes, the manifest says {expected.get('bytes')}"
+    if _sampled_crc(path) != expected.get("crc32"):
+        return "does not match its checksum"
+    return None
 
 
 def _kept_records(
@@ -360,10 +440,16 @@ def _encode_split(out, split, fmt, tokenizer, dtype, source_stats, progress) -> 
         leave=False,
     )
     records = _iter_mixed(out, split)
+    done = 0
     while chunk := list(islice(records, ENCODE_CHUNK)):
-        for record, documents in zip(
-            chunk, formats.encode_batch(chunk, fmt, tokenizer), strict=True
-        ):
+        try:
+            encoded = formats.encode_batch(chunk, fmt, tokenizer)
+        except DataError:
+            raise
+        except Exception as exc:  # the tokenizers library raises plain Exceptions
+            raise _encoding_error(exc, chunk, done, split, tokenizer) from None
+        done += len(chunk)
+        for record, documents in zip(chunk, encoded, strict=True):
             for ids, mask in documents:
                 writer.add(ids, mask)
                 tokens_by_source[record["source"]] = tokens_by_source.get(

@@ -167,6 +167,14 @@ class Tokenizer:
     def pad_id(self) -> int:
         return self.special_id("pad")
 
+    def unknown_characters(self, text: str) -> set[str]:
+        """Characters of ``text`` that a vocabulary of whole characters without an unknown
+        token cannot encode (a character tokenizer's unseen ones); none for byte-level BPE."""
+        if not isinstance(self.backend.model, models.WordLevel):
+            return set()
+        vocab = self.backend.get_vocab()
+        return {c for c in set(text) if c not in vocab}
+
     def encode(self, text: str) -> list[int]:
         return self.backend.encode(text, add_special_tokens=False).ids
 

@@ -15,7 +15,7 @@ import torch
 
 from lmpipe.data.prepare import PreparedData, prepare
 from lmpipe.data.tokenizer import Tokenizer
-from lmpipe.errors import ConfigError
+from lmpipe.errors import ConfigError, LmpipeError
 from lmpipe.eval.diversity import distinct_n, self_bleu
 from lmpipe.eval.generation import complete
 from lmpipe.eval.heldout import Prompt, completion_stops, heldout_prompts, scoring_batches
@@ -26,7 +26,7 @@ from lmpipe.models import LM
 from lmpipe.objectives.rewards import Reward
 from lmpipe.rundir import CHECKPOINT_DIR
 from lmpipe.training.checkpoint import Checkpoint, resolve_checkpoint
-from lmpipe.training.hardware import resolve_hardware
+from lmpipe.training.hardware import resolve_device
 
 METRICS = ("perplexity", "accuracy", "generation", "speed", "task", "reward")
 METRIC_NAMES = (
@@ -108,7 +108,7 @@ def evaluate_checkpoint(
     if not isinstance(checkpoint, Checkpoint):
         checkpoint = resolve_checkpoint(checkpoint, log=lambda m: print(m, file=sys.stderr))
     if not isinstance(device, torch.device):
-        device = resolve_hardware({"device": device}).device
+        device = resolve_device(device)
     tokenizer = checkpoint.tokenizer()
     model = checkpoint.build_model().to(device)
     data = heldout_data(checkpoint, data_cfg, cache_dir, tokenizer, progress)
@@ -168,19 +168,38 @@ def heldout_data(
     progress: bool = True,
 ) -> PreparedData:
     """``data_cfg`` prepared with the checkpoint's tokenizer; for None the run's own data:
-    its prepared directory while that is still cached, else its config prepared again."""
+    its prepared directory while that is still in ``cache_dir``, else its config prepared
+    again -- built-in sources only, since a checkpoint may not choose files or downloads."""
     if data_cfg is None:
-        own = checkpoint.meta.get("data_dir")
-        if own and (Path(own) / "manifest.json").is_file():
-            data = PreparedData.open(own)
-            if data.tokenizer.hash == tokenizer.hash:
-                return data
+        own = _own_data(checkpoint, cache_dir)
+        if own is not None and own.tokenizer.hash == tokenizer.hash:
+            return own
         data_cfg = (checkpoint.meta.get("train_config") or {}).get("data")
-        if not data_cfg:
+        if not isinstance(data_cfg, dict) or not data_cfg:
             raise ConfigError(
                 f"{checkpoint.path}: meta.json names no training data; pass data=<mixture>"
             )
+        fetched = [
+            s.get("name", "?") for s in data_cfg.get("sources") or [] if not s.get("builtin")
+        ]
+        if fetched:
+            raise ConfigError(
+                f"{checkpoint.path}: its training data is not in cache_dir={cache_dir}, and "
+                f"lmpipe reads no files or hub datasets a checkpoint names (sources: "
+                f"{', '.join(map(str, fetched))}); pass data=<mixture>, or the cache_dir it "
+                "trained with"
+            )
     return prepare(data_cfg, cache_dir, tokenizer=tokenizer, progress=progress)
+
+
+def _own_data(checkpoint: Checkpoint, cache_dir: str | Path) -> PreparedData | None:
+    """The run's prepared data, when meta.json's ``data_dir`` is an intact cache entry in
+    ``cache_dir``."""
+    try:
+        own = checkpoint.path_in_meta("data_dir", Path(cache_dir) / "data")
+        return PreparedData.open(own) if own is not None else None
+    except LmpipeError:
+        return None
 
 
 def generation_metrics(

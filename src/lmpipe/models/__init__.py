@@ -2,23 +2,53 @@
 
 from __future__ import annotations
 
-from hydra.utils import get_class
+import importlib
 
-from lmpipe.errors import ConfigError
+from lmpipe.errors import CheckpointError, ConfigError
 from lmpipe.models.base import LM, TokenScores
 from lmpipe.models.transformer import TransformerConfig
 
 __all__ = ["LM", "TokenScores", "build_lm", "build_from_config_dict", "lm_class"]
 
+# LM classes a checkpoint may name: lmpipe's own, and those a config of this process named
+# (``arch._target_``: the user's choice). Importing a module a checkpoint names would run
+# its code, so nothing else is imported for a checkpoint.
+_OWN_MODULES = "lmpipe.models."
+_NAMED_BY_CONFIG: set[str] = set()
+
 
 def lm_class(target: str) -> type[LM]:
+    """The LM class a config names (``arch._target_``: ``package.module.Class``)."""
+    module, _, name = str(target).rpartition(".")
     try:
-        cls = get_class(target)
-    except Exception:
-        raise ConfigError(f"arch._target_={target!r} is not an importable class") from None
+        cls = getattr(importlib.import_module(module), name)
+    except Exception as exc:  # whatever importing the module raised, or no such attribute
+        raise ConfigError(
+            f"arch._target_={target!r} is not an importable class ({type(exc).__name__}: {exc})"
+        ) from None
     if not (isinstance(cls, type) and issubclass(cls, LM)):
         raise ConfigError(f"arch._target_={target!r} is not an lmpipe LM class")
+    _NAMED_BY_CONFIG.add(target)
     return cls
+
+
+def checkpoint_lm_class(target) -> type[LM]:
+    """The LM class a checkpoint names: lmpipe's own or one a config of this process
+    named, checked before anything is imported."""
+    allowed = isinstance(target, str) and (
+        target.startswith(_OWN_MODULES) or target in _NAMED_BY_CONFIG
+    )
+    if not allowed:
+        raise CheckpointError(
+            f"model_config.lm_class={target!r} is not an lmpipe LM class (a checkpoint may "
+            f"only name classes in {_OWN_MODULES}* or the arch._target_ of your config)"
+        )
+    try:
+        return lm_class(target)
+    except ConfigError:
+        raise CheckpointError(
+            f"model_config.lm_class={target!r} is not an lmpipe LM class"
+        ) from None
 
 
 def build_lm(
@@ -40,6 +70,11 @@ def build_lm(
 
 
 def build_from_config_dict(config: dict) -> LM:
-    """Rebuild the module described by ``LM.config_dict()`` (e.g. from a checkpoint)."""
-    cls = lm_class(config["lm_class"])
-    return cls(TransformerConfig.from_dict(config["model"]), **config.get("arch_options", {}))
+    """Rebuild the module described by ``LM.config_dict()`` (from a checkpoint: only an
+    LM class ``checkpoint_lm_class`` allows)."""
+    cls = checkpoint_lm_class(config.get("lm_class"))
+    options = config.get("arch_options") or {}
+    try:
+        return cls(TransformerConfig.from_dict(config["model"]), **options)
+    except (TypeError, ConfigError) as exc:
+        raise CheckpointError(f"model_config does not describe a {cls.__name__} ({exc})") from None

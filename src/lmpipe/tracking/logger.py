@@ -43,16 +43,22 @@ class MetricLogger:
             sink.close()
 
 
+def sink_names(cfg: dict) -> list[str]:
+    """The sinks the ``logger`` config names, checked (before a run writes anything)."""
+    names = list(cfg["sinks"])
+    unknown = [n for n in names if n not in SINKS]
+    if unknown:
+        raise ConfigError(f"logger.sinks has unknown sink(s) {unknown}; known: {', '.join(SINKS)}")
+    return names
+
+
 def build_logger(
     cfg: dict, run_dir: Path, run_name: str, config: dict, enabled: bool = True
 ) -> MetricLogger:
     """Sinks from the ``logger`` config group; ``enabled=False`` (non-main ranks) logs nothing."""
     if not enabled:
         return MetricLogger([])
-    names = list(cfg.get("sinks", ["console"]))
-    unknown = [n for n in names if n not in SINKS]
-    if unknown:
-        raise ConfigError(f"logger.sinks has unknown sink(s) {unknown}; known: {', '.join(SINKS)}")
+    names = sink_names(cfg)
     console = ConsoleSink() if "console" in names else None
     sinks: list[Sink] = [JsonlSink(run_dir / "metrics.jsonl")]
     if console is not None:

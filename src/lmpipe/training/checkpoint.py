@@ -19,6 +19,7 @@ import json
 import os
 import re
 import shutil
+import signal
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,17 @@ from lmpipe.rundir import CHECKPOINT_DIR
 FILES = ("model.safetensors", "trainer_state.pt", "tokenizer.json", "tokenizer_config.json")
 MODULES_FILE = "objective.safetensors"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+_SAVE_TMP = re.compile(r"^\.step_\d+\.tmp-\d+$")  # a save in progress, or cut short
+# Tests only: "<checkpoint dir name>:<moment>" makes the writer SIGKILL its own process at
+# that moment of a save (after a file, before or after the rename), so that a kill inside
+# a save is a test case rather than a matter of luck.
+KILL_IN_SAVE_ENV = "LMPIPE_TEST_KILL_IN_SAVE"
+SAVE_MOMENTS = ("model.safetensors", "trainer_state.pt", "meta.json", "renamed")
+
+
+def _reached(path: Path, moment: str) -> None:
+    if os.environ.get(KILL_IN_SAVE_ENV) == f"{path.name}:{moment}":
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def checkpoint_dir(run_dir: Path, step: int) -> Path:
@@ -75,6 +87,7 @@ def save_checkpoint(
     tmp.mkdir()
     try:
         save_model(model, str(tmp / "model.safetensors"))
+        _reached(path, "model.safetensors")
         names = list(FILES)
         if modules:
             tensors = {
@@ -85,6 +98,7 @@ def save_checkpoint(
             save_file(tensors, str(tmp / MODULES_FILE))
             names.append(MODULES_FILE)
         torch.save(trainer_state, tmp / "trainer_state.pt")
+        _reached(path, "trainer_state.pt")
         tokenizer.save(tmp)
         files = {
             name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
@@ -93,12 +107,14 @@ def save_checkpoint(
         (tmp / "meta.json").write_text(
             json.dumps({**meta, "files": files}, indent=2, default=str) + "\n"
         )
+        _reached(path, "meta.json")
         for name in (*names, "meta.json"):
             _fsync(tmp / name)
         _fsync(tmp)
         if path.exists():
             shutil.rmtree(path)
         tmp.rename(path)
+        _reached(path, "renamed")
         _fsync(path.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -162,6 +178,44 @@ class Checkpoint:
     def tokenizer(self) -> Tokenizer:
         return Tokenizer.load(self.path)
 
+    def path_in_meta(self, key: str, *roots: str | Path) -> Path | None:
+        """The path meta.json records under ``key`` (None when it records none), if it
+        lies inside one of ``roots``, symlinks followed: a checkpoint is data, and may not
+        send a reader to a file of its choosing. CheckpointError when it lies outside."""
+        recorded = self.meta.get(key)
+        if not recorded:
+            return None
+        path = Path(str(recorded)).resolve()
+        if any(path.is_relative_to(Path(root).resolve()) for root in roots):
+            return path
+        where = " or ".join(str(root) for root in roots)
+        raise CheckpointError(f"{self.path}: meta.json's {key}={recorded} lies outside {where}")
+
+
+def _check_meta(meta, meta_path: Path) -> None:
+    """The fields every reader relies on, with their types (a crafted or damaged meta.json
+    is refused here, not as a KeyError somewhere later)."""
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{meta_path} is not a JSON object")
+    step = meta.get("global_step")
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise CheckpointError(f"{meta_path}: global_step={step!r} is not a step number")
+    files = meta.get("files")
+    if not isinstance(files, dict) or not files:
+        raise CheckpointError(f"{meta_path} lists no files (its 'files' map is missing or empty)")
+    for name, record in files.items():
+        if not (
+            isinstance(record, dict)
+            and isinstance(record.get("bytes"), int)
+            and isinstance(record.get("sha256"), str)
+        ):
+            raise CheckpointError(f"{meta_path}: the record of {name!r} has no bytes and sha256")
+    model_config = meta.get("model_config")
+    if not isinstance(model_config, dict):
+        raise CheckpointError(f"{meta_path} has no model_config (which model it holds)")
+    if not isinstance(model_config.get("model"), dict):
+        raise CheckpointError(f"{meta_path}: model_config does not describe a model (no shape)")
+
 
 def load_checkpoint(path: str | Path, verify: bool = True) -> Checkpoint:
     """Open a checkpoint directory; with ``verify``, check every file against meta.json."""
@@ -173,10 +227,10 @@ def load_checkpoint(path: str | Path, verify: bool = True) -> Checkpoint:
         raise CheckpointError(f"{path} is not a checkpoint (no meta.json)")
     try:
         meta = json.loads(meta_path.read_text())
-        files = meta["files"]
-        int(meta["global_step"])
-    except (ValueError, KeyError, TypeError) as exc:
+    except (ValueError, OSError) as exc:
         raise CheckpointError(f"{meta_path} is unreadable ({exc})") from None
+    _check_meta(meta, meta_path)
+    files = meta["files"]
     if verify:
         for name in (*FILES, *([MODULES_FILE] if MODULES_FILE in files else [])):
             file = path / name
@@ -228,6 +282,16 @@ def resolve_checkpoint(path: str | Path, log: Callable[[str], None] = print) -> 
     if checkpoint is None:
         raise CheckpointError(f"{path} is a run directory without checkpoints")
     return checkpoint
+
+
+def remove_unfinished_saves(run_dir: Path) -> list[str]:
+    """Remove the temporary directories of saves a killed process left behind; the caller
+    holds the run's lock, so no other process is saving. Returns their names."""
+    root = run_dir / CHECKPOINT_DIR
+    found = sorted(p for p in root.iterdir() if _SAVE_TMP.match(p.name)) if root.is_dir() else []
+    for path in found:
+        shutil.rmtree(path, ignore_errors=True)
+    return [p.name for p in found]
 
 
 def prune_checkpoints(run_dir: Path, keep_last: int) -> None:

@@ -52,28 +52,29 @@ class Hardware:
         return torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
 
 
-def resolve_hardware(cfg: dict, local_rank: int = 0) -> Hardware:
-    device_name = cfg.get("device", "auto")
-    if device_name not in DEVICES:
-        raise ConfigError(f"hardware.device={device_name!r} is not one of {', '.join(DEVICES)}")
-    if device_name == "auto":
+def resolve_device(name: str, local_rank: int = 0, key: str = "device") -> torch.device:
+    """``auto`` (CUDA, then MPS, then the CPU), ``cpu``, ``cuda`` or ``mps``, checked (a
+    ConfigError names the config ``key``)."""
+    if name not in DEVICES:
+        raise ConfigError(f"{key}={name!r} is not one of {', '.join(DEVICES)}")
+    if name == "auto":
         if torch.cuda.is_available():
-            device_name = "cuda"
+            name = "cuda"
         elif torch.backends.mps.is_available():
-            device_name = "mps"
+            name = "mps"
         else:
-            device_name = "cpu"
-    if device_name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("hardware.device=cuda but no CUDA device is available")
-    if device_name == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError("hardware.device=mps but MPS is not available")
-    device = (
-        torch.device(device_name, local_rank)
-        if device_name == "cuda"
-        else torch.device(device_name)
-    )
+            name = "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"{key}=cuda but no CUDA device is available")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"{key}=mps but MPS is not available")
+    return torch.device(name, local_rank) if name == "cuda" else torch.device(name)
 
-    precision = cfg.get("precision", "auto")
+
+def resolve_hardware(cfg: dict, local_rank: int = 0) -> Hardware:
+    """The ``hardware`` keys of a composed config (``conf/hardware/<name>.yaml``)."""
+    device = resolve_device(cfg["device"], local_rank, "hardware.device")
+    precision = cfg["precision"]
     if precision not in PRECISIONS:
         raise ConfigError(f"hardware.precision={precision!r} is not one of {', '.join(PRECISIONS)}")
     if precision == "auto":
@@ -82,20 +83,20 @@ def resolve_hardware(cfg: dict, local_rank: int = 0) -> Hardware:
         else:
             precision = "fp32"
 
-    strategy = cfg.get("strategy", "none")
+    strategy = cfg["strategy"]
     if strategy not in STRATEGIES:
         raise ConfigError(f"hardware.strategy={strategy!r} is not one of {', '.join(STRATEGIES)}")
-    micro = cfg.get("micro_batch_size")
+    micro = cfg["micro_batch_size"]
     if micro is not None and (not isinstance(micro, int) or micro < 1):
         raise ConfigError(f"hardware.micro_batch_size={micro!r} must be a positive integer or null")
-    peak = cfg.get("peak_tflops")
+    peak = cfg["peak_tflops"]
     if peak is None and device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         peak = next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
     return Hardware(
         device=device,
         precision=precision,
-        compile=bool(cfg.get("compile", False)),
+        compile=bool(cfg["compile"]),
         strategy=strategy,
         micro_batch_size=micro,
         peak_tflops=float(peak) if peak else None,

@@ -166,7 +166,10 @@ def forgetting_set(
     ``data_dir``), to show forgetting; or why they are not available."""
     if not data_dir or not (Path(data_dir) / "manifest.json").is_file():
         return f"the earlier stage's data ({data_dir}) is no longer in the cache"
-    earlier = PreparedData.open(data_dir)
+    try:
+        earlier = PreparedData.open(data_dir)
+    except DataError as exc:
+        return str(exc)
     if earlier.tokenizer.hash != tokenizer_hash:
         return f"the earlier stage's data ({data_dir}) uses another tokenizer"
     if earlier.manifest["documents_per_record"] != 1:

@@ -29,16 +29,17 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(model: nn.Module, cfg: dict, device: torch.device) -> torch.optim.Optimizer:
-    name = cfg.get("name", "adamw")
+    """The ``optim`` keys of a composed config (defaults: ``conf/train.yaml``)."""
+    name = cfg["name"]
     if name != "adamw":
         raise ConfigError(f"optim.name={name!r} is not one of {', '.join(OPTIMIZERS)}")
-    betas = tuple(float(b) for b in cfg.get("betas", (0.9, 0.95)))
+    betas = tuple(float(b) for b in cfg["betas"])
     if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
         raise ConfigError(f"optim.betas={list(betas)} must be two numbers in [0, 1)")
     return torch.optim.AdamW(
-        param_groups(model, float(cfg.get("weight_decay", 0.0))),
+        param_groups(model, float(cfg["weight_decay"])),
         lr=float(cfg["lr"]),
         betas=betas,
-        eps=float(cfg.get("eps", 1e-8)),
+        eps=float(cfg["eps"]),
         fused=device.type in ("cuda", "cpu"),
     )

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,22 +18,21 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from lmpipe import __version__
-from lmpipe.config import resume_mode, validate
+from lmpipe.batch import Batch
+from lmpipe.config import validate
 from lmpipe.data.prepare import PreparedData, prepare
+from lmpipe.data.tokenizer import Tokenizer
 from lmpipe.errors import CheckpointError, ConfigError
 from lmpipe.models import LM, build_from_config_dict, build_lm, lm_class
-from lmpipe.objectives.base import ObjectiveContext
+from lmpipe.objectives import Objective
+from lmpipe.objectives.base import Examples, ObjectiveContext
 from lmpipe.seeding import derive_seed
 from lmpipe.tracking import MetricLogger, build_logger
 from lmpipe.tracking.jsonl import read_metrics
+from lmpipe.tracking.lock import run_lock
+from lmpipe.tracking.logger import sink_names
 from lmpipe.tracking.status import mark_running, recorded
-from lmpipe.training.checkpoint import (
-    Checkpoint,
-    latest_checkpoint,
-    list_checkpoints,
-    load_checkpoint,
-    resolve_checkpoint,
-)
+from lmpipe.training.checkpoint import Checkpoint, remove_unfinished_saves, resolve_checkpoint
 from lmpipe.training.distributed import (
     DistEnv,
     barrier,
@@ -46,6 +45,13 @@ from lmpipe.training.distributed import (
 from lmpipe.training.hardware import Hardware, resolve_hardware
 from lmpipe.training.inputs import FORGETTING_SET, build_inputs, forgetting_set
 from lmpipe.training.optim import build_optimizer
+from lmpipe.training.resume import (
+    check_numerics,
+    check_settings,
+    numerics,
+    resume_checkpoint,
+    starting_checkpoint,
+)
 from lmpipe.training.schedule import build_schedule
 from lmpipe.training.trainer import Trainer, TrainerConfig
 
@@ -58,7 +64,8 @@ def train(cfg: DictConfig, run_dir: Path) -> Path:
     try:
         # Each rank's Hydra picked a run directory; rank 0's choice is the one.
         run_dir = Path(broadcast_from_main(str(run_dir), env))
-        with recorded(run_dir, env.is_main):  # status.json: finished, failed, interrupted
+        # One process per run; status.json says how it ended: finished, failed, interrupted.
+        with run_lock(run_dir, env.is_main), recorded(run_dir, env.is_main):
             return start(build_run(cfg, run_dir, hardware, env))
     finally:
         shutdown(env)
@@ -87,25 +94,15 @@ def build_run(cfg: DictConfig, run_dir: Path, hardware: Hardware, env: DistEnv) 
     model_class = lm_class(cfg.arch._target_)
     objective.check_arch(model_class)
     objective.check_sampler(cfg.sampler.kind)
-    tcfg = TrainerConfig.from_dict(OmegaConf.to_container(cfg.trainer, resolve=True))
+    sink_names(OmegaConf.to_container(cfg.logger))
+    tcfg = trainer_config(cfg)
     if tcfg.batch_size % env.world_size:
         raise ConfigError(
             f"trainer.batch_size={tcfg.batch_size} is not divisible by the {env.world_size} ranks"
         )
-
-    resume_from = _resume_checkpoint(cfg, run_dir, env)
-    init_from = None
-    if resume_from is None and cfg.init_from:
-        init_from = resolve_checkpoint(cfg.init_from, log=lambda m: _say(env, m))
-    elif resume_from is None and cfg.stage.requires_init:
-        raise ConfigError(
-            f"stage={cfg.stage.name} starts from an earlier stage: pass "
-            "init_from=<checkpoint or run dir>"
-        )
+    say = lambda message: _say(env, message)  # noqa: E731
+    resume_from, init_from = _checkpoints(cfg, run_dir, say)
     source = resume_from or init_from
-    if resume_from is not None and resume_from.meta.get("init_checkpoint"):
-        # The stage's starting weights stay its reference when it resumes (DPO).
-        init_from = load_checkpoint(resume_from.meta["init_checkpoint"])
 
     data = _prepare_data(cfg, source, env)
     objective.check_format(data.manifest["format"], cfg.data.name)
@@ -129,10 +126,9 @@ def build_run(cfg: DictConfig, run_dir: Path, hardware: Hardware, env: DistEnv) 
     earlier_data = None
     if cfg.stage.forgetting_eval and source is not None and tcfg.eval_batches:
         # Mid-training: the earlier stage's own validation data shows what is forgotten.
-        earlier_data = source.meta.get("forgetting_data_dir") or source.meta.get("data_dir")
-        forgetting = forgetting_set(earlier_data, model, tcfg, micro, env, data.tokenizer.hash)
+        earlier_data, forgetting = _forgetting_set(cfg, source, model, tcfg, micro, env, data)
         if isinstance(forgetting, str):
-            _say(env, f"forgetting check skipped: {forgetting}")
+            say(f"forgetting check skipped: {forgetting}")
         else:
             inputs.val_sets[FORGETTING_SET] = forgetting
 
@@ -150,17 +146,6 @@ def build_run(cfg: DictConfig, run_dir: Path, hardware: Hardware, env: DistEnv) 
             starting_modules=init_from.module_states if init_from is not None else None,
         )
     )
-    modules = objective.modules()
-    for module in modules.values():
-        module.to(hardware.device)
-    optimizer = build_optimizer(
-        nn.ModuleList([model, *modules.values()]),
-        OmegaConf.to_container(cfg.optim),
-        hardware.device,
-    )
-    schedule = build_schedule(
-        OmegaConf.to_container(cfg.schedule), float(cfg.optim.lr), tcfg.max_steps
-    )
     static_meta = {
         "architecture": model.arch,
         "model_config": model.config_dict(),
@@ -172,27 +157,25 @@ def build_run(cfg: DictConfig, run_dir: Path, hardware: Hardware, env: DistEnv) 
         "data_dir": str(data.directory),
         "forgetting_data_dir": earlier_data,
         "init_checkpoint": str(init_from.path) if init_from is not None else None,
+        "numerics": numerics(hardware),
         "lmpipe_version": __version__,
     }
-    trainer = Trainer(
-        config=tcfg,
+    trainer = assemble_trainer(
+        cfg,
         model=model,
-        train_model=train_model,
         objective=objective,
-        optimizer=optimizer,
-        schedule=schedule,
         sampler=inputs.sampler,
         val_sets=inputs.val_sets,
+        tokenizer=data.tokenizer,
         hardware=hardware,
         env=env,
-        logger=MetricLogger([]),  # ``start`` gives it the configured sinks
         run_dir=run_dir,
-        tokenizer=data.tokenizer,
+        train_model=train_model,
         checkpoint_meta=lambda: static_meta,
-        seed=cfg.seed,
     )
     if resume_from is not None:
-        resume_from.load_modules(modules)
+        check_numerics(resume_from, hardware, say)
+        resume_from.load_modules(trainer.modules)
         trainer.load_state_dict(resume_from.trainer_state())
         origin = f"resuming from {resume_from.path} (step {resume_from.step})"
     else:
@@ -201,12 +184,97 @@ def build_run(cfg: DictConfig, run_dir: Path, hardware: Hardware, env: DistEnv) 
     return Run(cfg, trainer, data, plan, FORGETTING_SET in inputs.val_sets)
 
 
+def trainer_config(cfg: DictConfig) -> TrainerConfig:
+    return TrainerConfig.from_dict(OmegaConf.to_container(cfg.trainer, resolve=True))
+
+
+def assemble_trainer(
+    cfg: DictConfig,
+    *,
+    model: LM,
+    objective: Objective,
+    sampler: Examples | None,
+    val_sets: dict[str, list[Batch]],
+    tokenizer: Tokenizer,
+    hardware: Hardware,
+    env: DistEnv,
+    run_dir: Path,
+    train_model: nn.Module | None = None,
+    checkpoint_meta: Callable[[], dict] = dict,
+) -> Trainer:
+    """The Trainer a composed config describes (trainer settings, optimizer over the model
+    and the objective's modules, LR schedule) around a model and an objective that is set
+    up: ``build_run``'s last step, and how the benchmarks get the Trainer a run has."""
+    modules = objective.modules()
+    for module in modules.values():
+        module.to(hardware.device)
+    tcfg = trainer_config(cfg)
+    return Trainer(
+        config=tcfg,
+        model=model,
+        train_model=model if train_model is None else train_model,
+        objective=objective,
+        optimizer=build_optimizer(
+            nn.ModuleList([model, *modules.values()]),
+            OmegaConf.to_container(cfg.optim),
+            hardware.device,
+        ),
+        schedule=build_schedule(
+            OmegaConf.to_container(cfg.schedule), float(cfg.optim.lr), tcfg.max_steps
+        ),
+        sampler=sampler,
+        val_sets=val_sets,
+        hardware=hardware,
+        env=env,
+        logger=MetricLogger([]),  # ``start`` gives it the configured sinks
+        run_dir=run_dir,
+        tokenizer=tokenizer,
+        checkpoint_meta=checkpoint_meta,
+        seed=cfg.seed,
+    )
+
+
+def _checkpoints(
+    cfg: DictConfig, run_dir: Path, say: Callable[[str], None]
+) -> tuple[Checkpoint | None, Checkpoint | None]:
+    """The checkpoint the run resumes, and the one its stage started from."""
+    resume_from = resume_checkpoint(cfg, run_dir, say)
+    if resume_from is not None:
+        check_settings(resume_from, cfg, say)
+        # The stage's starting weights stay its reference when it resumes (DPO).
+        return resume_from, starting_checkpoint(resume_from, cfg)
+    if cfg.init_from:
+        return None, resolve_checkpoint(cfg.init_from, log=say)
+    if cfg.stage.requires_init:
+        raise ConfigError(
+            f"stage={cfg.stage.name} starts from an earlier stage: pass "
+            "init_from=<checkpoint or run dir>"
+        )
+    return None, None
+
+
+def _forgetting_set(cfg, source: Checkpoint, model, tcfg, micro, env, data):
+    """The earlier stage's data directory (from its checkpoint: only inside cache_dir) and
+    its validation windows, or why they are not available."""
+    cached = Path(cfg.cache_dir) / "data"
+    try:
+        earlier = source.path_in_meta("forgetting_data_dir", cached) or source.path_in_meta(
+            "data_dir", cached
+        )
+    except CheckpointError as exc:
+        return None, str(exc)
+    earlier_data = str(earlier) if earlier is not None else None
+    return earlier_data, forgetting_set(earlier_data, model, tcfg, micro, env, data.tokenizer.hash)
+
+
 def start(run: Run) -> Path:
     """Write the run's config and plan, open its metric sinks and train to ``max_steps``."""
     cfg, trainer, env = run.cfg, run.trainer, run.trainer.env
     run_dir = trainer.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     if env.is_main:
+        if removed := remove_unfinished_saves(run_dir):
+            _say(env, f"removed the unfinished save(s) of a killed process: {', '.join(removed)}")
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
         (run_dir / "plan.txt").write_text(run.plan + "\n")  # for those watching (the web UI)
         mark_running(run_dir)
@@ -251,34 +319,21 @@ def forgetting_report(run_dir: Path) -> str:
     )
 
 
-def _resume_checkpoint(cfg: DictConfig, run_dir: Path, env: DistEnv) -> Checkpoint | None:
-    mode = resume_mode(cfg.resume)
-    if mode is None:
-        if list_checkpoints(run_dir):
-            raise ConfigError(
-                f"{run_dir} already has checkpoints: pass resume=auto to continue it, "
-                "or choose another run_name"
-            )
-        return None
-    if mode == "auto":
-        return latest_checkpoint(run_dir, log=lambda m: _say(env, m))
-    return resolve_checkpoint(mode, log=lambda m: _say(env, m))
-
-
 def _prepare_data(cfg: DictConfig, source: Checkpoint | None, env: DistEnv) -> PreparedData:
     """Prepare on the main rank first (the others then hit its cache)."""
     data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
     tokenizer = source.tokenizer() if source is not None else None
     data = None
     if env.is_main:
-        data = prepare(data_cfg, cfg.cache_dir, tokenizer=tokenizer)
+        data = prepare(data_cfg, cfg.cache_dir, tokenizer=tokenizer, log=lambda m: _say(env, m))
     barrier(env)
     if data is None:
         data = prepare(data_cfg, cfg.cache_dir, tokenizer=tokenizer, progress=False)
-    if source is not None and data.tokenizer.hash != source.meta["tokenizer_hash"]:
+    if source is not None and data.tokenizer.hash != source.meta.get("tokenizer_hash"):
         raise CheckpointError(
-            f"tokenizer mismatch: checkpoint {source.path} has {source.meta['tokenizer_hash'][:12]}, "
-            f"dataset {data.directory} has {data.tokenizer.hash[:12]}"
+            f"tokenizer mismatch: checkpoint {source.path} has "
+            f"{str(source.meta.get('tokenizer_hash'))[:12]}, dataset {data.directory} has "
+            f"{data.tokenizer.hash[:12]}"
         )
     return data
 
@@ -292,9 +347,9 @@ def _build_model(cfg: DictConfig, data: PreparedData, source: Checkpoint | None,
             data.tokenizer.vocab_size,
             data.tokenizer.special_ids,
         )
-    if source.meta["architecture"] != arch:
+    if source.meta.get("architecture") != arch:
         raise CheckpointError(
-            f"architecture mismatch: {source.path} is arch={source.meta['architecture']}, "
+            f"architecture mismatch: {source.path} is arch={source.meta.get('architecture')}, "
             f"the config asks for arch={arch}"
         )
     # The shape and the special tokens come from the checkpoint; a stage may still change
@@ -334,9 +389,3 @@ def _plan(
             f"  hardware   {hw.device} {hw.precision}{' compiled' if hw.compile else ''}",
         ]
     )
-
-
-def remove_if_empty(run_dir: Path) -> None:
-    """Drop a run directory Hydra created for a run that failed before writing anything."""
-    if run_dir.is_dir() and not any(run_dir.iterdir()):
-        shutil.rmtree(run_dir, ignore_errors=True)

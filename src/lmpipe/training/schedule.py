@@ -22,9 +22,9 @@ class LRSchedule:
     lr: float
     max_steps: int
     warmup_steps: int
-    warmup_start_ratio: float = 0.0
-    min_lr_ratio: float = 0.1
-    decay_ratio: float = 0.2
+    warmup_start_ratio: float
+    min_lr_ratio: float
+    decay_ratio: float  # wsd only
 
     @property
     def min_lr(self) -> float:
@@ -60,29 +60,31 @@ class LRSchedule:
 
 
 def build_schedule(cfg: dict, lr: float, max_steps: int) -> LRSchedule:
-    name = cfg.get("name", "cosine")
+    """The ``schedule`` keys of a composed config (defaults: ``conf/train.yaml``, which a
+    stage overrides) for ``max_steps`` steps at peak ``lr``."""
+    name = cfg["name"]
     if name not in SCHEDULES:
         raise ConfigError(f"schedule.name={name!r} is not one of {', '.join(SCHEDULES)}")
-    warmup = cfg.get("warmup_steps")
+    warmup = cfg["warmup_steps"]
     if warmup is None:
-        ratio = float(cfg.get("warmup_ratio") or 0.0)
-        if not 0 <= ratio < 1:
+        ratio = cfg["warmup_ratio"]
+        if not (isinstance(ratio, int | float) and 0 <= ratio < 1):
             raise ConfigError(f"schedule.warmup_ratio={ratio} must be in [0, 1)")
         warmup = round(ratio * max_steps)
-    if not isinstance(warmup, int) or not 0 <= warmup < max_steps:
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or not 0 <= warmup < max_steps:
         raise ConfigError(
             f"schedule.warmup_steps={warmup!r} must be an integer in [0, trainer.max_steps={max_steps})"
         )
     for key in ("warmup_start_ratio", "min_lr_ratio", "decay_ratio"):
-        value = cfg.get(key)
-        if value is not None and not 0 <= float(value) <= 1:
+        value = cfg[key]
+        if not (isinstance(value, int | float) and 0 <= value <= 1):
             raise ConfigError(f"schedule.{key}={value} must be in [0, 1]")
     return LRSchedule(
         name=name,
         lr=lr,
         max_steps=max_steps,
         warmup_steps=warmup,
-        warmup_start_ratio=float(cfg.get("warmup_start_ratio", 0.0)),
-        min_lr_ratio=float(cfg.get("min_lr_ratio", 0.1)),
-        decay_ratio=float(cfg.get("decay_ratio", 0.2)),
+        warmup_start_ratio=float(cfg["warmup_start_ratio"]),
+        min_lr_ratio=float(cfg["min_lr_ratio"]),
+        decay_ratio=float(cfg["decay_ratio"]),
     )

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from lmpipe.batch import Batch
 from lmpipe.data.tokenizer import Tokenizer
-from lmpipe.errors import CheckpointError, LmpipeError
+from lmpipe.errors import CheckpointError, ConfigError, LmpipeError
 from lmpipe.models import LM
 from lmpipe.objectives import Objective
 from lmpipe.objectives.base import Examples
@@ -48,21 +48,26 @@ from lmpipe.training.schedule import LRSchedule
 
 @dataclass(frozen=True)
 class TrainerConfig:
+    """The ``trainer`` keys of a composed config (defaults: ``conf/train.yaml``)."""
+
     max_steps: int
     batch_size: int  # rows per step, all ranks and micro-batches together
     block_size: int  # positions per row the model processes
-    grad_clip: float | None = 1.0
-    log_interval: int = 10
-    eval_interval: int = 100
-    eval_batches: int = 20
-    eval_at_start: bool = True
-    save_interval: int = 100
-    keep_last: int = 3
-    max_bad_steps: int = 3
+    grad_clip: float | None
+    log_interval: int
+    eval_interval: int
+    eval_batches: int
+    eval_at_start: bool
+    save_interval: int
+    keep_last: int
+    max_bad_steps: int
 
     @classmethod
     def from_dict(cls, values: dict) -> TrainerConfig:
-        return cls(**{k: values[k] for k in cls.__dataclass_fields__ if k in values})
+        missing = [k for k in cls.__dataclass_fields__ if k not in values]
+        if missing:
+            raise ConfigError(f"trainer config lacks {', '.join(f'trainer.{k}' for k in missing)}")
+        return cls(**{k: values[k] for k in cls.__dataclass_fields__})
 
 
 class TrainingDiverged(LmpipeError):
