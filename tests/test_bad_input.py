@@ -25,9 +25,10 @@ from omegaconf import OmegaConf
 
 from lmpipe import api
 from lmpipe.cli import user_errors
+from lmpipe.data.prepare import prepare
 from lmpipe.tracking.lock import run_lock
 
-from conftest import TINY, assert_one_line_error, save_random_checkpoint
+from conftest import TINY, assert_one_line_error, data_config, save_random_checkpoint
 
 SMALL_DEMO = ["data.sources.0.num_records=1500", "data.sources.1.num_records=300"]
 BASE = [*TINY, "hardware=cpu", "trainer.max_steps=4", "trainer.eval_batches=2"]
@@ -623,3 +624,26 @@ def test_a_resume_on_other_numerics_says_so(world, capsys):
     assert f"resuming with other numerics (threads {threads} -> {threads + 1})" in (
         capsys.readouterr().out
     )
+
+
+@pytest.mark.parametrize("damage", ["truncated", "overwritten", "missing"])
+def test_a_damaged_cache_entry_is_rebuilt_saying_so(tmp_path, damage):
+    """A cached ``tokens_train.bin`` truncated to 1,000 bytes (or a block of it
+    overwritten, or the file gone) is not trained on: the entry is rebuilt, saying so."""
+    cfg = data_config("demo", 300)
+    first = prepare(cfg, tmp_path, progress=False, log=pytest.fail)
+    tokens = first.directory / "tokens_train.bin"
+    original = tokens.read_bytes()
+    assert len(original) > 1000
+    if damage == "truncated":
+        tokens.write_bytes(original[:1000])
+    elif damage == "overwritten":  # same size: only the checksum can tell
+        tokens.write_bytes(original[:100] + bytes(len(original) - 200) + original[-100:])
+    else:
+        tokens.unlink()
+    said: list[str] = []
+    again = prepare(cfg, tmp_path, progress=False, log=said.append)
+    assert again.directory == first.directory
+    assert tokens.read_bytes() == original
+    assert len(said) == 1 and said[0].startswith("rebuilding a damaged cache entry: ")
+    assert "tokens_train.bin" in said[0]
