@@ -81,8 +81,8 @@ def rollout(loss_type: str) -> Rollout:
     return Rollout(
         input_ids=torch.zeros(2, 5, dtype=torch.long),
         loss_mask=mask,
-        advantages=torch.tensor([1.0, -3.0]),
-        token_weights=token_weights(mask, loss_type, 4),
+        advantages=torch.tensor([[1.0] * 5, [-3.0] * 5]),
+        token_weights=token_weights(mask, loss_type, 4) * 2,  # x rows: the Trainer averages
         old_logps=torch.full((2, 5), -1.0),
     )
 
@@ -212,7 +212,7 @@ def test_first_update_of_a_rollout_has_ratio_one_and_zero_kl_to_an_identical_ref
     assert len(updates) == 2 and updates[0].metrics and updates[1].metrics is None
     first = updates[0]
     mask = first.loss_mask > 0
-    assert mask.any() and first.rows_per_example == 4
+    assert mask.any() and first.segment_ids is not None  # packed sequences
     logps = trainer.train_model(first, output="logps", temperature=0.7).logps
     ratio = torch.exp(logps - first.old_logps)[mask]
     assert (ratio - 1).abs().max() < 1e-5

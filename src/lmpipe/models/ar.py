@@ -81,39 +81,56 @@ class ARLM(LM):
         """Yield the next token of every row, (B,), one step at a time.
 
         Rows that produced ``eos_id`` keep yielding it; the stream stops when all rows
-        have. When the context fills the model's block, the cache is rebuilt from the
-        last half of the context (the uncached path crops to the last block, as nanoGPT).
-        ``left_pad``: prompts of different lengths, left-padded.
+        have. Once a quarter of the rows still computed have finished, they leave the
+        batch (and the KV cache): a batch of replies of different lengths costs about the
+        sum of their lengths, not rows x the longest. When the context fills the model's
+        block, the cache is rebuilt from the last half of the context (the uncached path
+        crops to the last block, as nanoGPT). ``left_pad``: prompts of different lengths,
+        left-padded.
         """
         block = self.config.block_size
         seq = prompt_ids
-        done = torch.zeros(seq.shape[0], dtype=torch.bool, device=seq.device)
+        rows = seq.shape[0]
+        done = torch.zeros(rows, dtype=torch.bool, device=seq.device)
+        active = torch.arange(rows, device=seq.device)  # the rows still computed
         cache = pad = None
         for _ in range(max_new_tokens):
+            live_pad = None if left_pad is None else left_pad[active]
             if not use_cache:
-                context, pad = _last(seq, block, left_pad)
+                context, pad = _last(seq[active], block, live_pad)
                 logits = self.backbone(context, causal=True, left_pad=pad)[:, -1]
+            elif cache is None or cache.length >= cache.capacity:
+                live = seq[active]
+                cache = KVCache(self.config, live.shape[1] + max_new_tokens)
+                keep = block // 2 if live.shape[1] >= block else block
+                context, pad = _last(live, keep, live_pad)
+                logits = self.backbone(context, causal=True, cache=cache, left_pad=pad)[:, -1]
             else:
-                if cache is None or cache.length >= cache.capacity:
-                    cache = KVCache(self.config, seq.shape[1] + max_new_tokens)
-                    context, pad = _last(
-                        seq, block // 2 if seq.shape[1] >= block else block, left_pad
-                    )
-                    logits = self.backbone(context, causal=True, cache=cache, left_pad=pad)[:, -1]
-                else:
-                    logits = self.backbone(seq[:, -1:], causal=True, cache=cache, left_pad=pad)[
-                        :, -1
-                    ]
-            token = sample_from_logits(
+                last = seq[active, -1:]
+                logits = self.backbone(last, causal=True, cache=cache, left_pad=pad)[:, -1]
+            sampled = sample_from_logits(
                 logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator
             )
-            if eos_id is not None:
-                token = torch.where(done, torch.full_like(token, eos_id), token)
-                done |= token == eos_id
+            if eos_id is None:
+                token = sampled
+            else:  # a finished row still computed repeats EOS, as do the rows gone
+                sampled = sampled.masked_fill(done[active], eos_id)
+                done[active] = sampled == eos_id
+                token = torch.full_like(done, eos_id, dtype=sampled.dtype)
+                token[active] = sampled
             seq = torch.cat([seq, token[:, None]], dim=1)
             yield token
-            if eos_id is not None and bool(done.all()):
+            if eos_id is None:
+                continue
+            if bool(done.all()):
                 return
+            finished = done[active]
+            if 4 * int(finished.sum()) >= len(active):
+                active = active[~finished]
+                if cache is not None:
+                    cache.keep_rows(~finished)
+                if pad is not None:
+                    pad = pad[~finished]
 
     @torch.no_grad()
     def generate(

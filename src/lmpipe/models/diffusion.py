@@ -25,6 +25,7 @@ from lmpipe.batch import Batch
 from lmpipe.errors import ConfigError
 from lmpipe.models.base import LM, TokenLogps, TokenScores
 from lmpipe.models.sampling import sample_from_logits
+from lmpipe.models.segments import segment_starts
 from lmpipe.models.transformer import TransformerConfig
 
 
@@ -113,11 +114,15 @@ class DiffusionLM(LM):
 
     def token_logps(self, batch: Batch, *, temperature: float = 1.0) -> TokenLogps:
         """d1's one-step estimate: every position from the first target token to the end
-        of the row (the response) is masked, and each prompt token is masked with
+        of the row or packed segment (the response) is masked, and each prompt token is masked with
         probability ``p_mask_prompt`` (per-row draws from ``batch.noise_seeds``, else from
         the global generator); log p of each target token from that one forward pass."""
         ids, targets = batch.input_ids, batch.loss_mask > 0
-        response = targets.cumsum(dim=1) > 0
+        seen = targets.long().cumsum(dim=1)  # targets so far: in the row, or its segment
+        if batch.segment_ids is not None:
+            starts = segment_starts(batch.segment_ids)
+            seen = seen - torch.where(starts, seen - targets.long(), 0).cummax(dim=1).values
+        response = seen > 0
         prompt = ~response
         if batch.left_pad is not None:
             index = torch.arange(ids.shape[1], device=ids.device)

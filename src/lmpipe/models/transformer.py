@@ -141,6 +141,11 @@ class KVCache:
         self.v: Tensor | None = None
         self.length = 0  # positions filled
 
+    def keep_rows(self, rows: Tensor) -> None:
+        """Drop the batch rows where ``rows`` (a bool mask) is False."""
+        if self.k is not None:
+            self.k, self.v = self.k[:, rows], self.v[:, rows]
+
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         if self.k is None:
             c = self.config

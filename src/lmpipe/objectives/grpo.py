@@ -59,15 +59,17 @@ def group_advantages(rewards: Tensor, group: int, scale: str) -> Tensor:
 
 
 def token_weights(mask: Tensor, loss_type: str, max_tokens: int) -> Tensor:
-    """(N,) weights such that the update's loss is the mean over rows of (sum of the row's
-    token losses) x weight: the three aggregations as per-row weights, so that any split
-    into micro-batches gives the same loss."""
-    tokens = mask.sum(dim=1)
-    if loss_type == "grpo":
-        return torch.where(tokens > 0, 1.0 / tokens.clamp(min=1), 0.0)
-    if loss_type == "dr_grpo":
-        return torch.full_like(tokens, 1.0 / max_tokens)
-    return torch.full_like(tokens, len(mask) / max(float(tokens.sum()), 1.0))
+    """(N, L) weights of the completion tokens such that the update's loss is the sum of
+    token losses x weights: the three aggregations as weights, so that the loss does not
+    depend on how the tokens are laid out in rows or split into micro-batches."""
+    tokens = mask.sum(dim=1, keepdim=True)
+    if loss_type == "grpo":  # each completion's mean, then the mean over completions
+        per_row = torch.where(tokens > 0, 1.0 / tokens.clamp(min=1), 0.0) / len(mask)
+    elif loss_type == "dr_grpo":
+        per_row = torch.full_like(tokens, 1.0 / (len(mask) * max_tokens))
+    else:
+        per_row = torch.full_like(tokens, 1.0 / max(float(tokens.sum()), 1.0))
+    return per_row * mask
 
 
 def clipped_surrogate(
@@ -75,7 +77,6 @@ def clipped_surrogate(
 ) -> tuple[Tensor, Tensor]:
     """Per-token -min(ratio * A, clip(ratio) * A) and whether the clipped branch won."""
     ratio = torch.exp(logps - old_logps)
-    advantages = advantages[:, None]
     unclipped = ratio * advantages
     clipped = ratio.clamp(1 - low, 1 + high) * advantages
     return -torch.minimum(unclipped, clipped), clipped < unclipped
@@ -188,6 +189,7 @@ class GRPO(Objective):
                 stop_ids=self.stop_ids,
                 decode=self.ctx.tokenizer.decode,
                 device=self.ctx.device,
+                pad_id=self.ctx.tokenizer.pad_id,
             )
 
     @torch.no_grad()
@@ -203,19 +205,19 @@ class GRPO(Objective):
     def prepare(self, model: nn.Module, batch: PromptBatch) -> Iterator[Batch]:
         """One rollout of the step's prompts, then ``num_iterations`` updates on it."""
         sampled = self._sample(unwrap(model), batch, self.num_generations, self.temperature)
-        rollout = sampled.batch
         totals, each = score(self.rewards, sampled.completions)
         rewards = torch.tensor(totals)
         advantages = group_advantages(rewards, self.num_generations, self.scale_rewards)
-        mask = rollout.loss_mask
+        mask = sampled.loss_mask
         if self.mask_truncated_completions:
             mask = mask * (~sampled.truncated).float()[:, None]
-        rollout = rollout.with_fields(
-            loss_mask=mask,
-            advantages=advantages,
+        rollout = sampled.batch(
+            self.ctx.model.config.block_size,
+            mask,
+            advantages=advantages[:, None].expand_as(mask),
             token_weights=token_weights(mask, self.loss_type, self.max_completion_length),
-            metrics=self._rollout_metrics(sampled, rewards, each),
         )
+        rollout.metrics = self._rollout_metrics(sampled, rewards, each)
         updates = []
         for iteration in range(self.num_iterations):
             # New masks (diffusion) at every iteration, the same for pi, pi_old and ref.
@@ -239,7 +241,7 @@ class GRPO(Objective):
             "rewards/std": float(rewards.std()) if len(rewards) > 1 else 0.0,
             "rewards/group_std": float(grouped.std(dim=1).mean()),
             **{f"rewards/{name}": sum(v) / len(v) for name, v in each.items()},
-            "completions/mean_length": float(sampled.lengths.mean()),
+            "completions/mean_length": float(sampled.completion_lengths.mean()),
             "completions/truncated_fraction": float(sampled.truncated.float().mean()),
         }
 
@@ -257,7 +259,7 @@ class GRPO(Objective):
             kl = kl_k3(logps, batch.ref_token_logps)
             per_token = per_token + self.beta * kl
             metrics["kl"] = ((kl * mask).sum() / active).detach()
-        loss = ((per_token * mask).sum(dim=1) * batch.token_weights).mean()
+        loss = (per_token * batch.token_weights).sum(dim=1).mean()
         return loss, {
             "loss": loss.detach(),
             **metrics,
@@ -278,7 +280,9 @@ class GRPO(Objective):
                 metrics[f"{prefix}rewards/mean"] = sum(totals) / len(totals)
                 for name, values in each.items():
                     metrics[f"{prefix}rewards/{name}"] = sum(values) / len(values)
-                metrics[f"{prefix}completions/mean_length"] = float(sampled.lengths.mean())
+                metrics[f"{prefix}completions/mean_length"] = float(
+                    sampled.completion_lengths.mean()
+                )
                 metrics[f"{prefix}completions/truncated_fraction"] = float(
                     sampled.truncated.float().mean()
                 )
