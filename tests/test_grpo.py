@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from lmpipe.batch import PromptBatch
+from lmpipe.errors import LmpipeError
 from lmpipe.models.base import TokenLogps
 from lmpipe.objectives.grpo import GRPO, SCALE_REWARDS, group_advantages, kl_k3
 from lmpipe.objectives.rewards import AnswerMatch, Completion, Format, LengthPenalty, score
@@ -301,43 +302,55 @@ def test_grpo_resumed_after_sigkill_ends_with_the_uninterrupted_weights(
         (["data=demo"], ["'grpo' trains on prompt data", "data=demo is text data"]),
         (["data=demo_chat"], ["data=demo_chat is chat data"]),
         (["objective.num_generations=1"], ["objective.num_generations=1 must be an integer >= 2"]),
-        (["reward=[answer_matsh]"], ["reward/answer_matsh"]),
         (["sampler.kind=episodes"], ["reads batches from a prompts sampler"]),
         (["objective.loss_type=ppo"], ["objective.loss_type='ppo' must be one of grpo"]),
     ],
 )
-def test_grpo_bad_input_is_one_line(lmpipe, starting_checkpoints, cache_dir, extra, fragments):
-    proc = lmpipe("train", *grpo_args(starting_checkpoints["ar"], cache_dir), *extra, check=False)
-    assert_one_line_error(proc, *fragments)
+def test_grpo_refuses_bad_settings(starting_checkpoints, cache_dir, tmp_path, extra, fragments):
+    with pytest.raises(LmpipeError) as error:
+        build_cpu_run(tmp_path / "run", *grpo_args(starting_checkpoints["ar"], cache_dir), *extra)
+    for fragment in fragments:
+        assert fragment in str(error.value)
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_unknown_reward_is_one_line_from_the_command_line(
+    lmpipe, starting_checkpoints, cache_dir
+):
+    proc = lmpipe(
+        "train",
+        *grpo_args(starting_checkpoints["ar"], cache_dir),
+        "reward=[answer_matsh]",
+        check=False,
+    )
+    assert_one_line_error(proc, "reward/answer_matsh")
 
 
 def test_answer_match_on_prompts_without_answers_says_how_many(
-    lmpipe, starting_checkpoints, cache_dir, tmp_path
+    starting_checkpoints, cache_dir, tmp_path
 ):
     path = tmp_path / "prompts.jsonl"
     rows = [{"prompt": f"What is {i} plus {i}?", "answer": str(2 * i)} for i in range(40)]
     for row in rows[::4]:
         del row["answer"]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    proc = lmpipe(
-        "train",
-        *grpo_args(starting_checkpoints["ar"], cache_dir),
-        "data.sources.0.builtin=null",
-        f"+data.sources.0.path={path}",
-        "~data.sources.0.filters",
-        check=False,
-    )
-    assert_one_line_error(proc, "reward answer_match needs each prompt's answer", "have none")
+    with pytest.raises(LmpipeError, match="reward answer_match needs each prompt's answer"):
+        build_cpu_run(
+            tmp_path / "run",
+            *grpo_args(starting_checkpoints["ar"], cache_dir),
+            "data.sources.0.builtin=null",
+            f"+data.sources.0.path={path}",
+            "~data.sources.0.filters",
+        )
 
 
 def test_a_completion_longer_than_the_diffusion_block_is_refused(
-    lmpipe, starting_checkpoints, cache_dir
+    starting_checkpoints, cache_dir, tmp_path
 ):
-    proc = lmpipe(
-        "train",
-        *grpo_args(starting_checkpoints["diffusion"], cache_dir),
-        "arch=diffusion",
-        "objective.max_completion_length=64",
-        check=False,
-    )
-    assert_one_line_error(proc, "objective.max_completion_length=64 does not fit", "block of 64")
+    with pytest.raises(LmpipeError, match="objective.max_completion_length=64 does not fit"):
+        build_cpu_run(
+            tmp_path / "run",
+            *grpo_args(starting_checkpoints["diffusion"], cache_dir),
+            "arch=diffusion",
+            "objective.max_completion_length=64",
+        )

@@ -24,8 +24,8 @@ def main(cfg: DictConfig) -> None:
 
 
 def _evaluate(cfg: DictConfig) -> None:
-    from hydra.utils import instantiate
 
+    from lmpipe.config import instantiate
     from lmpipe.eval.runner import (
         check_options,
         checkpoint_details,

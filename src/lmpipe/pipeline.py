@@ -72,8 +72,8 @@ def _validate(cfg: DictConfig) -> None:
 
 
 def run_pipeline(cfg: DictConfig) -> Path:
-    from hydra.utils import instantiate
 
+    from lmpipe.config import instantiate
     from lmpipe.eval.report import write_report
 
     _validate(cfg)

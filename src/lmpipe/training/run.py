@@ -13,12 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from lmpipe import __version__
-from lmpipe.config import resume_mode, validate
+from lmpipe.config import instantiate, resume_mode, validate
 from lmpipe.data.prepare import PreparedData, prepare
 from lmpipe.errors import CheckpointError, ConfigError
 from lmpipe.models import LM, build_from_config_dict, build_lm, lm_class
