@@ -53,8 +53,12 @@ class MaskedDiffusionLM(LM):
 
     # --- training -----------------------------------------------------------------
     def logits(self, ids: Tensor, segment_ids: Tensor | None = None) -> Tensor:
-        """Bidirectional float logits that never predict MASK (MDLM's zero masking)."""
-        logits = self.backbone(ids, causal=False, segment_ids=segment_ids).float()
+        """Bidirectional float logits that never predict MASK."""
+        return self.never_mask(self.backbone(ids, causal=False, segment_ids=segment_ids))
+
+    def never_mask(self, logits: Tensor) -> Tensor:
+        """Float logits with MASK impossible (MDLM's zero masking)."""
+        logits = logits.float()
         logits[..., self.mask_id] = float("-inf")
         return logits
 

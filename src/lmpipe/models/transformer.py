@@ -266,12 +266,15 @@ class Transformer(nn.Module):
         causal: bool,
         cache: KVCache | None = None,
         segment_ids: Tensor | None = None,
+        embeds: Tensor | None = None,
     ) -> Tensor:
         """Final-norm hidden states (B, T, d_model).
 
         ``segment_ids`` (B, T) packs several sequences per row: a token attends only to
         tokens of its own segment and positions restart at 0 in every segment, so a packed
-        row computes exactly what its segments would compute one by one.
+        row computes exactly what its segments would compute one by one. ``embeds``
+        (B, T, d_model), when given, is the input in place of the embeddings of ``idx``
+        (SDD mixes the embeddings of candidate tokens).
         """
         start = cache.length if cache is not None else 0
         T = idx.shape[1]
@@ -286,7 +289,7 @@ class Transformer(nn.Module):
                 raise ValueError("packed segments and a KV cache cannot be combined")
             segments = PackedSegments(segment_ids, causal)
             positions = segment_positions(segment_ids)
-        x = self.tok_emb(idx)
+        x = self.tok_emb(idx) if embeds is None else embeds
         rope = None
         if self.pos_emb is not None:
             x = x + self.pos_emb(positions)
@@ -308,8 +311,11 @@ class Transformer(nn.Module):
         causal: bool,
         cache: KVCache | None = None,
         segment_ids: Tensor | None = None,
+        embeds: Tensor | None = None,
     ) -> Tensor:
         """Logits of shape (B, T, vocab_size)."""
         return self.lm_head(
-            self.hidden_states(idx, causal=causal, cache=cache, segment_ids=segment_ids)
+            self.hidden_states(
+                idx, causal=causal, cache=cache, segment_ids=segment_ids, embeds=embeds
+            )
         )

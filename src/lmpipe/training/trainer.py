@@ -177,7 +177,8 @@ class Trainer:
                 group["lr"] = lr
             started = time.perf_counter()
             batch = self.sampler.batch(self.step)
-            metrics = self.train_step(batch)
+            model_metrics = self.model.on_train_step()  # the model's own schedule, if any
+            metrics = {**self.train_step(batch), **model_metrics}
             step_tokens = self.env.world_size * (
                 batch.real_tokens if batch.real_tokens is not None else len(batch) * cfg.block_size
             )
