@@ -358,3 +358,20 @@ def test_sft_rows_pad_with_ignore_as_a_trained_target():
     batch = collate_episodes(episodes, [(0,), (1,)], packing=False, pad_id=0, pad_target_id=IGNORE)
     assert batch.input_ids[0, 5:].eq(IGNORE).all() and batch.loss_mask[0, 5:].eq(1).all()
     assert np.array_equal(batch.input_ids[1].numpy(), episodes.documents(1)[0][0])
+
+
+def test_compiled_model_recompiles_when_k_changes_not_every_step():
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    model = sdd(k_schedule=[[0, 1], [2, 4]])
+    compiled = torch.compile(model, backend=counter)
+    batch = random_batch()
+    frames = []
+    for _ in range(5):
+        model.on_train_step()
+        compiled(batch).nll.sum().backward()
+        frames.append(counter.frame_count)
+    assert frames[0] == frames[1] > 0  # k=1
+    assert frames[2] > frames[1] and frames[2] == frames[3] == frames[4]  # k=4 from step 3

@@ -109,7 +109,10 @@ class SDDLM(MaskedDiffusionLM):
         self.ignore_id = self.special_id("ignore")
         self.k_schedule = check_k_schedule(k_schedule, config.vocab_size)
         self.eval_k = None if eval_k is None else check_k(eval_k, config.vocab_size, "arch.eval_k")
-        self.trained_steps = 0  # optimizer steps taken; saved as the module's extra state
+        # Optimizer steps taken (saved as the module's extra state) and the k of the last
+        # one: a plain int, so a compiled model recompiles when k changes, not every step.
+        self.trained_steps = 0
+        self.k = self.k_at(0)
 
     @classmethod
     def pad_target(cls) -> str:
@@ -124,20 +127,23 @@ class SDDLM(MaskedDiffusionLM):
         return next(k for start, k in reversed(self.k_schedule) if start <= step)
 
     def current_k(self) -> int:
-        """k of the step being trained; in evaluation mode ``eval_k`` when it is set."""
+        """k of the last (or current) training step; in evaluation mode ``eval_k`` when
+        it is set."""
         if not self.training and self.eval_k is not None:
             return self.eval_k
-        return self.k_at(max(self.trained_steps - 1, 0))
+        return self.k
 
     def on_train_step(self) -> dict[str, float]:
+        self.k = self.k_at(self.trained_steps)
         self.trained_steps += 1
-        return {"k": float(self.current_k())}
+        return {"k": float(self.k)}
 
     def get_extra_state(self) -> Tensor:
         return torch.tensor(self.trained_steps, dtype=torch.int64)
 
     def set_extra_state(self, state: Tensor) -> None:
         self.trained_steps = int(state)
+        self.k = self.k_at(max(self.trained_steps - 1, 0))
 
     def flops_per_token(self, seq_len: int) -> float:
         """Twice the plain model's once k > 1: both passes run forward and backward."""
