@@ -198,7 +198,7 @@ def test_curriculum_follows_the_model_s_own_steps_and_travels_with_its_weights()
     rebuilt = build_from_config_dict(model.config_dict())
     assert rebuilt.trained_steps == 0
     rebuilt.load_state_dict(model.state_dict())
-    assert rebuilt.trained_steps == 6 and rebuilt.on_train_step() == {"k": 8.0}
+    assert rebuilt.trained_steps == 6 and rebuilt.on_train_step() == {"k": 8}
     fixed = build_from_config_dict(
         {
             **model.config_dict(),

@@ -136,7 +136,7 @@ class SDDLM(MaskedDiffusionLM):
     def on_train_step(self) -> dict[str, float]:
         self.k = self.k_at(self.trained_steps)
         self.trained_steps += 1
-        return {"k": float(self.k)}
+        return {"k": self.k}
 
     def get_extra_state(self) -> Tensor:
         return torch.tensor(self.trained_steps, dtype=torch.int64)
