@@ -10,13 +10,14 @@ import sys
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 from conftest import (
+    ROOT,
     TINY,
     assert_one_line_error,
     cli_env,
-    data_config,
     read_metrics,
     save_random_checkpoint,
 )
@@ -130,17 +131,15 @@ def test_bad_k_schedule_is_one_line(lmpipe, tmp_path):
     assert not any(tmp_path.iterdir())  # nothing half-written
 
 
-def test_init_from_a_checkpoint_of_another_arch_is_one_line(lmpipe, cache_dir, tmp_path):
-    data = data_config("demo", records=300)
-    ar = save_random_checkpoint(tmp_path / "ar", data, cache_dir, arch="ar")
+def test_init_from_a_checkpoint_of_another_arch_is_one_line(lmpipe, sdd_run, cache_dir, tmp_path):
+    demo = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "data" / "demo.yaml"))
+    diffusion = save_random_checkpoint(tmp_path / "mdlm", demo, cache_dir, arch="diffusion")
     proc = lmpipe(
         "train",
         *TINY,
         "arch=sdd",
-        "data.sources.0.num_records=300",
-        "data.sources.1.num_records=300",
-        f"init_from={ar}",
+        f"init_from={diffusion}",
         f"out_dir={tmp_path / 'runs'}",
         check=False,
     )
-    assert_one_line_error(proc, "architecture mismatch", "arch=ar", "asks for arch=sdd")
+    assert_one_line_error(proc, "architecture mismatch", "arch=diffusion", "asks for arch=sdd")
