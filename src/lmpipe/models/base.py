@@ -47,7 +47,7 @@ class LM(nn.Module):
     exact_likelihood: ClassVar[bool]
     causal: ClassVar[bool]  # a position sees only the tokens before it (AR)
     # SFT: pad after a response with EOS (with loss) so the model learns where to stop
-    # (LLaDA); the data samplers read this flag.
+    # (LLaDA); the data samplers read this flag through ``pad_target``.
     pads_with_eos: ClassVar[bool] = False
     streams: ClassVar[bool] = False  # ``stream`` yields tokens one at a time (KV cache)
 
@@ -115,6 +115,19 @@ class LM(nn.Module):
         """(B, T) prompts -> (B, T + n) with the completions appended. Prompts of
         different lengths are left-padded, ``left_pad`` (B,) counting the padding."""
         raise NotImplementedError
+
+    @classmethod
+    def pad_target(cls) -> str | None:
+        """The special token (by name) that pads SFT rows after a response as a trained
+        target, so that the model learns where to stop; None: PAD, never a target."""
+        return "eos" if cls.pads_with_eos else None
+
+    def on_train_step(self) -> dict[str, float]:
+        """Called by the Trainer once before every optimizer step. An architecture whose
+        training follows a schedule of its own (SDD's k-curriculum) advances it here,
+        keeping its position in a buffer so that checkpoints carry it, and returns
+        metrics to log with the step (``{"k": 4}`` -> ``train/k``). Default: nothing."""
+        return {}
 
     def arch_options(self) -> dict:
         """Constructor arguments beyond the backbone config (saved with checkpoints).
