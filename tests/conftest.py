@@ -102,7 +102,11 @@ def assert_one_line_error(proc, *fragments: str) -> None:
 
 
 # --- checkpoints without training (evaluation, export) ----------------------------------
-LM_CLASSES = {"ar": "lmpipe.models.ar.ARLM", "diffusion": "lmpipe.models.diffusion.DiffusionLM"}
+LM_CLASSES = {
+    "ar": "lmpipe.models.ar.ARLM",
+    "diffusion": "lmpipe.models.diffusion.DiffusionLM",
+    "sdd": "lmpipe.models.sdd.SDDLM",
+}
 TINY_SHAPE = {"n_layer": 2, "n_head": 2, "d_model": 32, "block_size": 64}
 
 

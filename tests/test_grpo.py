@@ -169,7 +169,7 @@ def starting_checkpoints(tmp_path_factory, cache_dir):
     cfg = data_config("demo_prompts", PROMPT_RECORDS)
     return {
         arch: save_random_checkpoint(root / arch, cfg, cache_dir, arch=arch, scale=0.3)
-        for arch in ("ar", "diffusion")
+        for arch in ("ar", "diffusion", "sdd")
     }
 
 
@@ -189,7 +189,7 @@ def grpo_args(start, cache_dir, *extra: str) -> list[str]:
     ]
 
 
-@pytest.mark.parametrize("arch", ["ar", "diffusion"])
+@pytest.mark.parametrize("arch", ["ar", "diffusion", "sdd"])
 def test_first_update_of_a_rollout_has_ratio_one_and_zero_kl_to_an_identical_reference(
     arch, starting_checkpoints, cache_dir, tmp_path
 ):
@@ -200,6 +200,7 @@ def test_first_update_of_a_rollout_has_ratio_one_and_zero_kl_to_an_identical_ref
         tmp_path / "run",
         *grpo_args(starting_checkpoints[arch], cache_dir),
         f"arch={arch}",
+        "arch.k_schedule=[[0,4]]" if arch == "sdd" else "model.dropout=0.2",
         "model.dropout=0.2",
         "objective.num_iterations=2",
         "objective.beta=0.04",
@@ -214,15 +215,21 @@ def test_first_update_of_a_rollout_has_ratio_one_and_zero_kl_to_an_identical_ref
     first = updates[0]
     mask = first.loss_mask > 0
     assert mask.any() and first.segment_ids is not None  # packed sequences
-    logps = trainer.train_model(first, output="logps", temperature=0.7).logps
+    micro = trainer.micro_batch_examples  # as the Trainer splits the update
+
+    def logps_of(model) -> torch.Tensor:
+        parts = [model(m, output="logps", temperature=0.7).logps for m in first.split(micro)]
+        return torch.cat(parts)
+
+    logps = logps_of(trainer.train_model)
     ratio = torch.exp(logps - first.old_logps)[mask]
     assert (ratio - 1).abs().max() < 1e-5
     assert kl_k3(logps, first.ref_token_logps)[mask].abs().max() < 1e-5
     # The same with dropout on is far from 1: the check above can fail.
     trainer.train_model.train(True)
-    noisy = trainer.train_model(first, output="logps", temperature=0.7).logps
+    noisy = logps_of(trainer.train_model)
     assert (torch.exp(noisy - first.old_logps)[mask] - 1).abs().max() > 1e-3
-    if arch == "diffusion":  # new masks at the second iteration
+    if arch != "ar":  # new masks at the second iteration
         assert not torch.equal(updates[0].old_logps, updates[1].old_logps)
 
 
