@@ -68,8 +68,14 @@ class DiffusionLM(LM):
         left_pad: Tensor | None = None,
     ) -> Tensor:
         """Bidirectional float logits that never predict MASK (MDLM's zero masking)."""
-        logits = self.backbone(ids, causal=False, segment_ids=segment_ids, left_pad=left_pad)
-        logits = logits.float()
+        return self.lm_logits(
+            self.backbone.hidden_states(
+                ids, causal=False, segment_ids=segment_ids, left_pad=left_pad
+            )
+        )
+
+    def lm_logits(self, hidden: Tensor) -> Tensor:
+        logits = self.backbone.lm_head(hidden).float()
         logits[..., self.mask_id] = float("-inf")
         return logits
 
@@ -111,11 +117,14 @@ class DiffusionLM(LM):
             scored_mask=masked,
         )
 
-    def token_logps(self, batch: Batch, *, temperature: float = 1.0) -> TokenLogps:
+    def token_logps(
+        self, batch: Batch, *, temperature: float = 1.0, with_features: bool = False
+    ) -> TokenLogps:
         """d1's one-step estimate: every position from the first target token to the end
         of the row (the response) is masked, and each prompt token is masked with
         probability ``p_mask_prompt`` (per-row draws from ``batch.noise_seeds``, else from
-        the global generator); log p of each target token from that one forward pass."""
+        the global generator); log p of each target token from that one forward pass. The
+        features of a token are the hidden state at its (masked) position."""
         ids, targets = batch.input_ids, batch.loss_mask > 0
         response = targets.cumsum(dim=1) > 0
         prompt = ~response
@@ -124,15 +133,14 @@ class DiffusionLM(LM):
             prompt &= index[None] >= batch.left_pad[:, None]
         draw = _uniform_rows(ids.shape, batch.noise_seeds, ids.device)
         masked = response | (prompt & (draw < self.p_mask_prompt))
-        logits = self.logits(
-            ids.masked_fill(masked, self.mask_id), batch.segment_ids, batch.left_pad
+        hidden = self.backbone.hidden_states(
+            ids.masked_fill(masked, self.mask_id),
+            causal=False,
+            segment_ids=batch.segment_ids,
+            left_pad=batch.left_pad,
         )
-        found = self.log_softmax_at(logits[targets], ids[targets], temperature)
-
-        def placed(values: Tensor) -> Tensor:
-            return values.new_zeros(ids.shape).masked_scatter(targets, values)
-
-        return TokenLogps(placed(found.logps), placed(found.entropy))
+        found = self.logps_at(hidden[targets], ids[targets], temperature, with_features)
+        return self.placed(found, targets)
 
     # --- generation ---------------------------------------------------------------
     @torch.no_grad()

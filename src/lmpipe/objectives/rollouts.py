@@ -25,10 +25,12 @@ from lmpipe.objectives.rewards import Completion
 class Rollout(Batch):
     """Completions of prompts, ready to train on (all tensors row-aligned, (N,) or (N, L))."""
 
-    advantages: Tensor | None = None  # (N,) one per completion (GRPO) ...
+    advantages: Tensor | None = None  # (N,) one per completion (GRPO) or (N, L) per token (PPO)
     token_weights: Tensor | None = None  # (N,) a row's loss = sum over its tokens * weight
     old_logps: Tensor | None = None  # (N, L) log-probs of the policy that sampled
     ref_token_logps: Tensor | None = None  # (N, L) log-probs of the frozen reference
+    old_values: Tensor | None = None  # (N, L) a value head's estimates at sampling time
+    returns: Tensor | None = None  # (N, L) the value head's targets
 
 
 @dataclass
@@ -87,13 +89,16 @@ def sample(
     completions = []
     for row in range(len(new)):
         end = int(first[row])
+        tokens = int(kept[row].sum())
         completions.append(
             Completion(
                 text=decode(new[row, :end].tolist()),
-                tokens=int(kept[row].sum()),
+                tokens=tokens,
                 truncated=not bool(stopped[row]),
                 max_tokens=max_tokens,
                 reference=references[row],
+                prompt_ids=tuple(ids[row, int(left_pad[row]) :].tolist()),
+                ids=tuple(new[row, :tokens].tolist()),
             )
         )
     loss_mask = torch.cat([torch.zeros(ids.shape), kept.float()], dim=1)

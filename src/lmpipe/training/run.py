@@ -146,6 +146,7 @@ def build_run(cfg: DictConfig, run_dir: Path, hardware: Hardware, env: DistEnv) 
             seed=cfg.seed,
             starting_model=_frozen(init_from, hardware.device),
             starting_modules=init_from.module_states if init_from is not None else None,
+            open_checkpoint=lambda path: resolve_checkpoint(path, log=lambda m: _say(env, m)),
         )
     )
     modules = objective.modules()
