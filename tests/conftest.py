@@ -125,11 +125,13 @@ def save_random_checkpoint(
     stage: str = "pretrain",
     scale: float | None = None,
     seed: int = 0,
+    modules: dict | None = None,
     **shape,
 ) -> Path:
     """A checkpoint of a freshly initialised model on prepared ``data_cfg``, with the meta
     a training run writes. ``scale``: redraw every weight from N(0, scale^2) so that the
-    predictions are far from uniform (sharper checks of numerics)."""
+    predictions are far from uniform (sharper checks of numerics). ``modules``: objective
+    modules to save with it, by name (e.g. a reward head)."""
     import torch
 
     from lmpipe.data.prepare import prepare
@@ -157,7 +159,14 @@ def save_random_checkpoint(
         "tokenizer_hash": data.tokenizer.hash,
         "data_dir": str(data.directory),
     }
-    save_checkpoint(path, model=model, trainer_state={}, tokenizer=data.tokenizer, meta=meta)
+    save_checkpoint(
+        path,
+        model=model,
+        trainer_state={},
+        tokenizer=data.tokenizer,
+        meta=meta,
+        modules=modules,
+    )
     return path
 
 

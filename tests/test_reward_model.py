@@ -1,0 +1,226 @@
+"""Reward models: the Bradley-Terry loss, scoring at the last response token whatever the
+padding, training (stage=rm), evaluation, and a reward model as a reward (reward=rm)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lmpipe.batch import Batch, left_padded
+from lmpipe.models import build_lm
+from lmpipe.objectives.reward_model import (
+    HEAD,
+    bradley_terry,
+    response_end,
+    response_scores,
+    right_aligned,
+    scalar_head,
+    sequence_scores,
+)
+
+from conftest import (
+    LM_CLASSES,
+    assert_one_line_error,
+    build_cpu_run,
+    data_config,
+    read_metrics,
+    save_random_checkpoint,
+)
+
+PAIRS = ["data=demo_pref", "data.sources.0.num_records=300"]
+
+
+def test_bradley_terry_matches_hand_computed_values():
+    chosen, rejected = torch.tensor([2.0, -1.0]), torch.tensor([0.5, 1.0])
+    loss = bradley_terry(chosen, rejected, margin=0.5, center=0.01)
+    # -log sigmoid(2 - 0.5 - 0.5) + 0.01 * 2.5^2 ; -log sigmoid(-1 - 1 - 0.5) + 0.01 * 0^2
+    expected = [math.log1p(math.exp(-1.0)) + 0.0625, math.log1p(math.exp(2.5))]
+    assert loss.tolist() == pytest.approx(expected, abs=1e-6)
+
+
+def test_the_response_ends_at_the_first_run_of_loss_tokens():
+    mask = torch.tensor(
+        [
+            [0, 0, 1, 1, 1, 0, 0, 0.0],  # prompt, reply + end of turn, EOS, padding
+            [0, 1, 1, 0, 1, 1, 1, 1],  # diffusion: EOS padding after a gap is trained on
+            [0, 0, 0, 1, 1, 1, 1, 1],  # cut off at the row's end
+        ]
+    )
+    assert response_end(mask).tolist() == [4, 2, 7]
+    ids = torch.arange(24).view(3, 8)
+    aligned, pad = right_aligned(
+        ids, torch.tensor([0, 1, 0]), response_end(mask), pad_id=-1, max_tokens=6
+    )
+    assert pad.tolist() == [1, 4, 0]
+    assert aligned.tolist() == [
+        [-1, 0, 1, 2, 3, 4],
+        [-1, -1, -1, -1, 9, 10],
+        [18, 19, 20, 21, 22, 23],  # the last 6 of 8 tokens
+    ]
+
+
+@pytest.mark.parametrize("arch", ["ar", "diffusion"])
+def test_a_score_depends_on_the_sequence_only_not_on_padding_or_batch(arch):
+    """Pairs right-padded as the episode sampler lays them out (diffusion: with trained EOS
+    padding) score exactly as each sequence alone, and as left-padded rollouts do."""
+    torch.manual_seed(0)
+    special = {"mask": 1, "eos": 2, "pad": 0}
+    shape = {"n_layer": 2, "n_head": 2, "d_model": 32, "block_size": 32}
+    model = build_lm({"_target_": LM_CLASSES[arch]}, shape, 40, special).eval()
+    head = scalar_head(32)
+    torch.nn.init.normal_(head.weight)
+    sequences = [[5, 6, 7, 8, 9, 10], [5, 6, 11, 12], [13, 14, 15, 16, 17, 18, 19, 20, 21]]
+    prompt_lengths = [3, 2, 4]
+    width = 12
+    fill = 2 if arch == "diffusion" else 0
+    ids = torch.full((3, width), fill)
+    mask = torch.zeros(3, width)
+    for row, (seq, prompt) in enumerate(zip(sequences, prompt_lengths, strict=True)):
+        ids[row, : len(seq)] = torch.tensor(seq)
+        mask[row, prompt : len(seq)] = 1
+        if arch == "diffusion":
+            mask[row, len(seq) + 1 :] = 1  # EOS, then trained padding
+    with torch.no_grad():
+        batched = response_scores(model, head, Batch(input_ids=ids, loss_mask=mask), 0, 32)
+        alone = [
+            sequence_scores(model, head, torch.tensor([seq]), torch.tensor([0]))[0]
+            for seq in sequences
+        ]
+        rollout_ids, rollout_pad = left_padded(sequences, 0)
+        rollouts = sequence_scores(model, head, rollout_ids, rollout_pad)
+    torch.testing.assert_close(batched, torch.stack(alone), atol=1e-5, rtol=0)
+    torch.testing.assert_close(rollouts, batched, atol=1e-5, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def policy_start(tmp_path_factory, cache_dir):
+    """A random model with the demo prompts' tokenizer (a policy and its reward model
+    start from it, so they share the tokenizer)."""
+    root = tmp_path_factory.mktemp("rm-start")
+    return save_random_checkpoint(
+        root / "start", data_config("demo_prompts", 300), cache_dir, scale=0.3
+    )
+
+
+def rm_args(start, cache_dir, *extra: str) -> list[str]:
+    return [
+        "stage=rm",
+        f"init_from={start}",
+        f"cache_dir={cache_dir}",
+        *PAIRS,
+        "trainer.batch_size=8",
+        "trainer.eval_batches=2",
+        "model.block_size=64",
+        *extra,
+    ]
+
+
+def test_bt_loss_is_ln2_at_a_zero_head(policy_start, cache_dir, tmp_path):
+    run = build_cpu_run(tmp_path / "run", *rm_args(policy_start, cache_dir))
+    rm = run.trainer.objective
+    assert not rm.head.weight.any() and run.trainer.modules == {HEAD: rm.head}
+    batch = run.trainer.sampler.batch(0)
+    assert batch.rows_per_example == 2 and len(batch) == 16
+    loss, metrics = rm.loss(run.trainer.train_model, batch)
+    assert float(loss.detach()) == pytest.approx(math.log(2), abs=1e-6)
+    assert float(metrics["accuracy"]) == 0 and float(metrics["margin"]) == 0
+    loss.backward()
+    assert rm.head.weight.grad.abs().sum() > 0  # the head learns from the first step
+
+
+def test_a_trained_reward_model_is_saved_evaluated_and_usable_as_a_reward(
+    lmpipe, policy_start, cache_dir, tmp_path
+):
+    out = tmp_path / "runs"
+    lmpipe(
+        "train",
+        *rm_args(policy_start, cache_dir),
+        f"out_dir={out}",
+        "run_name=rm",
+        "trainer.max_steps=12",
+        "trainer.eval_interval=12",
+        "trainer.log_interval=4",
+        "optim.lr=3e-3",
+    )
+    checkpoint = out / "rm" / "checkpoints" / "step_000012"
+    head = load_file(checkpoint / "objective.safetensors")[f"{HEAD}.weight"]
+    assert head.shape == (1, 32) and head.abs().sum() > 0
+    metrics = [m for m in read_metrics(out / "rm") if "val/accuracy" in m]
+    assert {"val/loss", "val/margin", "val/chosen", "val/rejected"} <= set(metrics[-1])
+    assert metrics[0]["val/loss"] == pytest.approx(math.log(2), abs=1e-4)  # zero head at step 0
+
+    proc = lmpipe(
+        "evaluate",
+        f"checkpoint={out / 'rm'}",
+        "data=demo_pref",
+        "data.sources.0.num_records=300",
+        "eval.metrics=[rm]",
+        "eval.num_samples=16",
+        f"cache_dir={cache_dir}",
+        "device=cpu",
+    )
+    assert "rm/accuracy" in proc.stdout and "rm/margin" in proc.stdout
+
+    # As a reward: GRPO on the policy's prompts, scored by the reward model.
+    lmpipe(
+        "train",
+        "stage=grpo",
+        f"init_from={policy_start}",
+        f"cache_dir={cache_dir}",
+        "data=demo_prompts",
+        "data.sources.0.num_records=300",
+        "model.block_size=64",
+        "trainer.batch_size=2",
+        "objective.num_generations=2",
+        "objective.max_completion_length=8",
+        "trainer.max_steps=1",
+        "trainer.eval_batches=1",
+        "reward=rm",
+        f"reward.rm.checkpoint={out / 'rm'}",
+        f"out_dir={out}",
+        "run_name=grpo",
+    )
+    assert any("rewards/rm" in m for m in read_metrics(out / "grpo"))
+
+
+@pytest.fixture(scope="module")
+def bad_reward_models(tmp_path_factory, cache_dir):
+    """A 'reward model' with another tokenizer (the pairs' own), and a checkpoint of the
+    policy's tokenizer without a reward head."""
+    root = tmp_path_factory.mktemp("bad-rm")
+    head = {HEAD: scalar_head(32)}
+    other = save_random_checkpoint(
+        root / "other", data_config("demo_pref", 300), cache_dir, modules=head
+    )
+    headless = save_random_checkpoint(
+        root / "headless", data_config("demo_prompts", 300), cache_dir
+    )
+    return {"other": other, "headless": headless}
+
+
+@pytest.mark.parametrize(
+    ("which", "fragments"),
+    [
+        ("other", ["reward.rm.checkpoint=", "has another tokenizer"]),
+        ("headless", ["has no reward head", "stage=pretrain checkpoint", "stage=rm"]),
+        ("missing", ["checkpoint not found"]),
+    ],
+)
+def test_a_reward_model_that_cannot_score_the_policy_is_one_line(
+    lmpipe, policy_start, cache_dir, bad_reward_models, tmp_path, which, fragments
+):
+    checkpoint = bad_reward_models.get(which, tmp_path / "nowhere")
+    proc = lmpipe(
+        "train",
+        "stage=ppo",
+        f"init_from={policy_start}",
+        *["data=demo_prompts", "data.sources.0.num_records=300", "model.block_size=64"],
+        "objective.max_completion_length=8",
+        "reward=rm",
+        f"reward.rm.checkpoint={checkpoint}",
+        check=False,
+    )
+    assert_one_line_error(proc, *fragments)
