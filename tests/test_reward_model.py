@@ -134,27 +134,27 @@ def test_bt_loss_is_ln2_at_a_zero_head(policy_start, cache_dir, tmp_path):
 def test_a_trained_reward_model_is_saved_evaluated_and_usable_as_a_reward(
     lmpipe, policy_start, cache_dir, tmp_path
 ):
-    out = tmp_path / "runs"
-    lmpipe(
-        "train",
+    from lmpipe.training.run import start
+
+    rm_dir = tmp_path / "rm"
+    rm_run = build_cpu_run(
+        rm_dir,
         *rm_args(policy_start, cache_dir),
-        f"out_dir={out}",
-        "run_name=rm",
         "trainer.max_steps=12",
         "trainer.eval_interval=12",
         "trainer.log_interval=4",
         "optim.lr=3e-3",
     )
-    checkpoint = out / "rm" / "checkpoints" / "step_000012"
-    head = load_file(checkpoint / "objective.safetensors")[f"{HEAD}.weight"]
-    assert head.shape == (1, 32) and head.abs().sum() > 0
-    metrics = [m for m in read_metrics(out / "rm") if "val/accuracy" in m]
+    start(rm_run)
+    head = load_file(rm_dir / "checkpoints" / "step_000012" / "objective.safetensors")
+    assert head[f"{HEAD}.weight"].shape == (1, 32) and head[f"{HEAD}.weight"].abs().sum() > 0
+    metrics = [m for m in read_metrics(rm_dir) if "val/accuracy" in m]
     assert {"val/loss", "val/margin", "val/chosen", "val/rejected"} <= set(metrics[-1])
     assert metrics[0]["val/loss"] == pytest.approx(math.log(2), abs=1e-4)  # zero head at step 0
 
     proc = lmpipe(
         "evaluate",
-        f"checkpoint={out / 'rm'}",
+        f"checkpoint={rm_dir}",
         "data=demo_pref",
         "data.sources.0.num_records=300",
         "eval.metrics=[rm]",
@@ -162,28 +162,22 @@ def test_a_trained_reward_model_is_saved_evaluated_and_usable_as_a_reward(
         f"cache_dir={cache_dir}",
         "device=cpu",
     )
-    assert "rm/accuracy" in proc.stdout and "rm/margin" in proc.stdout
+    assert "| rm/accuracy |" in proc.stdout and "| rm/margin |" in proc.stdout
 
-    # As a reward: GRPO on the policy's prompts, scored by the reward model.
-    lmpipe(
-        "train",
+    # As a reward: a GRPO step on the policy's prompts, scored by the reward model.
+    grpo = build_cpu_run(
+        tmp_path / "grpo",
         "stage=grpo",
         f"init_from={policy_start}",
         f"cache_dir={cache_dir}",
-        "data=demo_prompts",
-        "data.sources.0.num_records=300",
-        "model.block_size=64",
-        "trainer.batch_size=2",
-        "objective.num_generations=2",
+        *["data=demo_prompts", "data.sources.0.num_records=300", "model.block_size=64"],
+        *["trainer.batch_size=2", "objective.num_generations=2"],
         "objective.max_completion_length=8",
-        "trainer.max_steps=1",
-        "trainer.eval_batches=1",
         "reward=rm",
-        f"reward.rm.checkpoint={out / 'rm'}",
-        f"out_dir={out}",
-        "run_name=grpo",
-    )
-    assert any("rewards/rm" in m for m in read_metrics(out / "grpo"))
+        f"reward.rm.checkpoint={rm_dir}",
+    ).trainer
+    metrics, _ = grpo.train_step(grpo.sampler.batch(0))
+    assert "rewards/rm" in metrics
 
 
 @pytest.fixture(scope="module")
@@ -206,21 +200,31 @@ def bad_reward_models(tmp_path_factory, cache_dir):
     [
         ("other", ["reward.rm.checkpoint=", "has another tokenizer"]),
         ("headless", ["has no reward head", "stage=pretrain checkpoint", "stage=rm"]),
-        ("missing", ["checkpoint not found"]),
     ],
 )
 def test_a_reward_model_that_cannot_score_the_policy_is_one_line(
-    lmpipe, policy_start, cache_dir, bad_reward_models, tmp_path, which, fragments
+    lmpipe, policy_start, cache_dir, bad_reward_models, which, fragments
 ):
-    checkpoint = bad_reward_models.get(which, tmp_path / "nowhere")
     proc = lmpipe(
-        "train",
+        "train", *ppo_args(policy_start, cache_dir, bad_reward_models[which]), check=False
+    )
+    assert_one_line_error(proc, *fragments)
+
+
+def test_a_missing_reward_model_is_refused(policy_start, cache_dir, tmp_path):
+    from lmpipe.errors import CheckpointError
+
+    with pytest.raises(CheckpointError, match="checkpoint not found"):
+        build_cpu_run(tmp_path / "run", *ppo_args(policy_start, cache_dir, tmp_path / "nowhere"))
+
+
+def ppo_args(start, cache_dir, reward_model) -> list[str]:
+    return [
         "stage=ppo",
-        f"init_from={policy_start}",
+        f"init_from={start}",
+        f"cache_dir={cache_dir}",
         *["data=demo_prompts", "data.sources.0.num_records=300", "model.block_size=64"],
         "objective.max_completion_length=8",
         "reward=rm",
-        f"reward.rm.checkpoint={checkpoint}",
-        check=False,
-    )
-    assert_one_line_error(proc, *fragments)
+        f"reward.rm.checkpoint={reward_model}",
+    ]
