@@ -9,16 +9,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lmpipe.batch import Batch, left_padded
+from lmpipe.batch import Batch
 from lmpipe.models import build_lm
 from lmpipe.objectives.reward_model import (
     HEAD,
     bradley_terry,
+    packed_scores,
     response_end,
     response_scores,
-    right_aligned,
+    response_sequences,
     scalar_head,
-    sequence_scores,
 )
 
 from conftest import (
@@ -51,13 +51,10 @@ def test_the_response_ends_at_the_first_run_of_loss_tokens():
     )
     assert response_end(mask).tolist() == [4, 2, 7]
     ids = torch.arange(24).view(3, 8)
-    aligned, pad = right_aligned(
-        ids, torch.tensor([0, 1, 0]), response_end(mask), pad_id=-1, max_tokens=6
-    )
-    assert pad.tolist() == [1, 4, 0]
-    assert aligned.tolist() == [
-        [-1, 0, 1, 2, 3, 4],
-        [-1, -1, -1, -1, 9, 10],
+    batch = Batch(input_ids=ids, loss_mask=mask, left_pad=torch.tensor([0, 1, 0]))
+    assert response_sequences(batch, max_tokens=6) == [
+        [0, 1, 2, 3, 4],
+        [9, 10],  # after its left padding
         [18, 19, 20, 21, 22, 23],  # the last 6 of 8 tokens
     ]
 
@@ -65,7 +62,8 @@ def test_the_response_ends_at_the_first_run_of_loss_tokens():
 @pytest.mark.parametrize("arch", ["ar", "diffusion"])
 def test_a_score_depends_on_the_sequence_only_not_on_padding_or_batch(arch):
     """Pairs right-padded as the episode sampler lays them out (diffusion: with trained EOS
-    padding) score exactly as each sequence alone, and as left-padded rollouts do."""
+    padding), scored packed, give exactly each sequence's score computed alone without
+    packing (the LM's features of the bare sequence at its last token)."""
     torch.manual_seed(0)
     special = {"mask": 1, "eos": 2, "pad": 0}
     shape = {"n_layer": 2, "n_head": 2, "d_model": 32, "block_size": 32}
@@ -86,13 +84,12 @@ def test_a_score_depends_on_the_sequence_only_not_on_padding_or_batch(arch):
     with torch.no_grad():
         batched = response_scores(model, head, Batch(input_ids=ids, loss_mask=mask), 0, 32)
         alone = [
-            sequence_scores(model, head, torch.tensor([seq]), torch.tensor([0]))[0]
+            head(model.features(Batch(torch.tensor([seq]), torch.zeros(1, len(seq))))[0, -1])
             for seq in sequences
         ]
-        rollout_ids, rollout_pad = left_padded(sequences, 0)
-        rollouts = sequence_scores(model, head, rollout_ids, rollout_pad)
-    torch.testing.assert_close(batched, torch.stack(alone), atol=1e-5, rtol=0)
-    torch.testing.assert_close(rollouts, batched, atol=1e-5, rtol=0)
+        reordered = packed_scores(model, head, sequences[::-1], pad_id=0)
+    torch.testing.assert_close(batched, torch.cat(alone), atol=1e-5, rtol=0)
+    torch.testing.assert_close(reordered, batched.flip(0), atol=1e-5, rtol=0)
 
 
 @pytest.fixture(scope="module")

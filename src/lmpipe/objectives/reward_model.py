@@ -4,10 +4,10 @@
 A sequence's score is ``head(features)`` at its last response token, where ``features``
 are the LM's final hidden states of the clean sequence as its architecture reads them
 (causal for AR, bidirectional for masked diffusion: the LM decides, the objective has no
-arch branch). Sequences are scored *right-aligned*: each row's tokens up to its last
-response token, left-padded (``left_pad``), so the head reads the last column and no
-architecture sees padding. A score is then a function of the tokens alone, the same in
-any batch. The head is ``Linear(d_model, 1, bias=False)``, as HF's
+arch branch). Sequences (each row's tokens up to its last response token) are scored
+*packed*: several to a row, told apart by segment ids, so no padding is computed and no
+architecture sees any -- a score is a function of the tokens alone, the same in any
+batch. The head is ``Linear(d_model, 1, bias=False)``, as HF's
 ``...ForSequenceClassification.score``, so a reward model exports to one.
 
 The loss is Bradley-Terry's on (chosen, rejected) pairs (Ouyang et al. 2022), with an
@@ -29,7 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lmpipe.batch import Batch, left_padded
+from lmpipe.batch import Batch
+from lmpipe.data.samplers import pack_best_fit
 from lmpipe.errors import CheckpointError, ConfigError
 from lmpipe.models import LM
 from lmpipe.objectives.base import Metrics, Objective, ObjectiveContext, SavedCheckpoint
@@ -57,38 +58,47 @@ def response_end(loss_mask: Tensor) -> Tensor:
     return first_after - 1
 
 
-def right_aligned(
-    ids: Tensor, start: Tensor, end: Tensor, pad_id: int, max_tokens: int
-) -> tuple[Tensor, Tensor]:
-    """Rows ``ids[b, start[b] : end[b] + 1]`` (at most the last ``max_tokens``), left-padded
-    with ``pad_id``: (B, W) ids and (B,) padding counts."""
-    length = (end + 1 - start).clamp(max=max_tokens)
-    width = int(length.max())
-    offsets = torch.arange(width - 1, -1, -1, device=ids.device)  # from the row's end back
-    source = end[:, None] - offsets[None]
-    padding = offsets[None] >= length[:, None]
-    gathered = ids.gather(1, source.clamp(min=0))
-    return gathered.masked_fill(padding, pad_id), width - length
+def packed_scores(
+    model: nn.Module, head: nn.Module, sequences: Sequence[Sequence[int]], pad_id: int
+) -> Tensor:
+    """(N,) float scores of token sequences: packed by best fit into rows as long as the
+    longest, one forward pass, the head at each sequence's last token."""
+    device = head.weight.device
+    lengths = [len(seq) for seq in sequences]
+    rows = pack_best_fit(list(range(len(sequences))), lengths, max(lengths))
+    width = max(sum(lengths[i] for i in row) for row in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    segments = torch.zeros((len(rows), width), dtype=torch.long)
+    last = torch.zeros((2, len(sequences)), dtype=torch.long)  # (row, column) of each end
+    for r, row in enumerate(rows):
+        at = 0
+        for s, i in enumerate(row):
+            ids[r, at : at + lengths[i]] = torch.as_tensor(sequences[i])
+            segments[r, at : at + lengths[i]] = s
+            at += lengths[i]
+            last[:, i] = torch.tensor([r, at - 1])
+        segments[r, at:] = len(row)  # the row's padding: a segment of its own
+    packed = Batch(input_ids=ids, loss_mask=torch.zeros(ids.shape), segment_ids=segments)
+    features = model(packed.to(device), output="features")
+    return head(features[last[0], last[1]]).squeeze(-1).float()
 
 
-def sequence_scores(model: nn.Module, head: nn.Module, ids: Tensor, left_pad: Tensor) -> Tensor:
-    """(B,) float scores of right-aligned rows (the last column is each row's last token)."""
-    rows = Batch(input_ids=ids, loss_mask=torch.zeros_like(ids, dtype=torch.float32))
-    features = model(rows.with_fields(left_pad=left_pad), output="features")
-    return head(features[:, -1]).squeeze(-1).float()
+def response_sequences(batch: Batch, max_tokens: int) -> list[list[int]]:
+    """Each row's tokens from its first real one (after ``left_pad``) to its last response
+    token (the end of the first run of loss-mask ones), at most the last ``max_tokens``."""
+    start = batch.left_pad.tolist() if batch.left_pad is not None else [0] * len(batch)
+    ends = response_end(batch.loss_mask).tolist()
+    return [
+        row[max(first, end + 1 - max_tokens) : end + 1]
+        for row, first, end in zip(batch.input_ids.tolist(), start, ends, strict=True)
+    ]
 
 
 def response_scores(
     model: nn.Module, head: nn.Module, batch: Batch, pad_id: int, max_tokens: int
 ) -> Tensor:
     """(B,) scores of a batch's rows (prompt + response, with the response's loss mask)."""
-    start = batch.left_pad
-    if start is None:
-        start = torch.zeros(len(batch), dtype=torch.long, device=batch.input_ids.device)
-    ids, left_pad = right_aligned(
-        batch.input_ids, start, response_end(batch.loss_mask), pad_id, max_tokens
-    )
-    return sequence_scores(model, head, ids, left_pad)
+    return packed_scores(model, head, response_sequences(batch, max_tokens), pad_id)
 
 
 def bradley_terry(chosen: Tensor, rejected: Tensor, margin: float, center: float) -> Tensor:
@@ -203,13 +213,8 @@ class LearnedReward(Reward):
         ctx, block = self.ctx, self.model.config.block_size
         scores: list[float] = []
         for at in range(0, len(completions), ctx.batch_size):
-            rows = [
-                list(c.prompt_ids + c.ids)[-block:] for c in completions[at : at + ctx.batch_size]
-            ]
-            ids, left_pad = left_padded(rows, ctx.tokenizer.pad_id)
+            rows = [(c.prompt_ids + c.ids)[-block:] for c in completions[at : at + ctx.batch_size]]
             with ctx.autocast():
-                found = sequence_scores(
-                    self.model, self.head, ids.to(ctx.device), left_pad.to(ctx.device)
-                )
+                found = packed_scores(self.model, self.head, rows, ctx.tokenizer.pad_id)
             scores += found.cpu().tolist()
         return scores
