@@ -181,15 +181,17 @@ def lmpipe_trainer(
     optim: dict,
     run_dir: Path,
 ) -> Trainer:
-    """lmpipe's Trainer as ``lmpipe.training.run`` assembles it: CPU, fp32, constant LR."""
+    """lmpipe's Trainer as ``lmpipe.training.run`` assembles it: CPU, fp32, constant LR; the
+    optimizer trains the model and the modules the (set up) objective owns."""
     hardware = resolve_hardware({"device": "cpu", "precision": "fp32", "compile": False})
     cfg = TrainerConfig(max_steps=10**9, batch_size=batch, block_size=block, grad_clip=1.0)
+    trained = torch.nn.ModuleList([model, *objective.modules().values()])
     return Trainer(
         config=cfg,
         model=model,
         train_model=model,
         objective=objective,
-        optimizer=build_optimizer(model, optim, hardware.device),
+        optimizer=build_optimizer(trained, optim, hardware.device),
         schedule=build_schedule({"name": "constant", "warmup_steps": 0}, optim["lr"], 10**9),
         sampler=sampler,
         val_sets={},

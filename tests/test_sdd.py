@@ -21,6 +21,8 @@ from lmpipe.models.sdd import SDDLM, Proposal
 from lmpipe.objectives.dpo import DPO
 from test_samplers import shards
 
+from conftest import stub_logits
+
 VOCAB = 37
 SPECIAL = {"pad": 0, "ignore": 1, "eos": 2, "mask": 3}
 MASK, IGNORE, EOS = SPECIAL["mask"], SPECIAL["ignore"], SPECIAL["eos"]
@@ -302,7 +304,7 @@ def stub_backbone(favourites, seen=None, ignore_from=None):
 def test_sampling_follows_the_model_and_commits_each_token_once(monkeypatch, sampler):
     model = sdd().eval()
     seen = []
-    monkeypatch.setattr(model.backbone, "forward", stub_backbone([5, 6], seen))
+    stub_logits(model, monkeypatch, stub_backbone([5, 6], seen))
     prompt = torch.randint(4, VOCAB, (400, 3), generator=gen(0))
     out = model.generate(prompt, 5, sampler=sampler, steps=5, temperature=1.0, generator=gen(1))
     new = out[:, 3:]
@@ -319,7 +321,7 @@ def test_sampling_follows_the_model_and_commits_each_token_once(monkeypatch, sam
 
 def test_generation_never_outputs_mask_or_ignore(monkeypatch):
     model = sdd().eval()
-    monkeypatch.setattr(model.backbone, "forward", stub_backbone([5, 6], ignore_from=6))
+    stub_logits(model, monkeypatch, stub_backbone([5, 6], ignore_from=6))
     prompt = torch.randint(4, VOCAB, (8, 3), generator=gen(0))
     for eos_id in (None, 9):
         out = model.generate(prompt, 8, temperature=1.0, generator=gen(2), eos_id=eos_id)

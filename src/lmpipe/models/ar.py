@@ -25,11 +25,11 @@ class ARLM(LM):
         # One more token than the context, so every input position has a target.
         return block_size + 1
 
-    def _target_logits(self, batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
-        """Logits at the positions that predict a target token, those positions as a
-        (B, L-1) mask of the shifted grid, and the (B, L-1) targets. The LM head and the
-        log-softmax over the vocabulary run there only: prompts and padding are often half
-        of an SFT, DPO or RL row."""
+    def _target_hidden(self, batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
+        """Final hidden states at the positions that predict a target token (N, d), those
+        positions as a (B, L-1) mask of the shifted grid, and the (B, L-1) targets. The LM
+        head and the log-softmax over the vocabulary run there only: prompts and padding
+        are often half of an SFT, DPO or RL row."""
         ids = batch.input_ids
         segments = batch.segment_ids[:, :-1] if batch.segment_ids is not None else None
         hidden = self.backbone.hidden_states(
@@ -38,10 +38,11 @@ class ARLM(LM):
         mask = batch.loss_mask[:, 1:] > 0
         if batch.segment_ids is not None:  # a segment's first token has no context in it
             mask &= batch.segment_ids[:, 1:] == batch.segment_ids[:, :-1]
-        return self.backbone.lm_head(hidden[mask]), mask, ids[:, 1:]
+        return hidden[mask], mask, ids[:, 1:]
 
     def score(self, batch: Batch, *, generator: torch.Generator | None = None) -> TokenScores:
-        logits, mask, targets = self._target_logits(batch)
+        hidden, mask, targets = self._target_hidden(batch)
+        logits = self.lm_logits(hidden)
         picked = mask.nonzero(as_tuple=True)
         picked_nll = F.cross_entropy(logits.float(), targets[picked], reduction="none")
         nll = picked_nll.new_zeros(targets.shape).index_put(picked, picked_nll)
@@ -54,15 +55,15 @@ class ARLM(LM):
             scored_mask=F.pad(mask, (1, 0)),
         )
 
-    def token_logps(self, batch: Batch, *, temperature: float = 1.0) -> TokenLogps:
-        """Exact: log-softmax of the logits / temperature at each target token."""
-        logits, mask, targets = self._target_logits(batch)
-        found = self.log_softmax_at(logits, targets[mask], temperature)
-
-        def placed(values: Tensor) -> Tensor:  # (N,) at the target positions of (B, L)
-            return F.pad(values.new_zeros(targets.shape).masked_scatter(mask, values), (1, 0))
-
-        return TokenLogps(placed(found.logps), placed(found.entropy))
+    def token_logps(
+        self, batch: Batch, *, temperature: float = 1.0, with_features: bool = False
+    ) -> TokenLogps:
+        """Exact: log-softmax of the logits / temperature at each target token; the
+        features of token t are the hidden state at t - 1, which predicted it."""
+        hidden, mask, targets = self._target_hidden(batch)
+        found = self.logps_at(hidden, targets[mask], temperature, with_features)
+        # Token 0 has no context, so it is never a target: the first column stays empty.
+        return self.placed(found, F.pad(mask, (1, 0)))
 
     @torch.no_grad()
     def stream(

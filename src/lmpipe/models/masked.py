@@ -68,23 +68,34 @@ class MaskedDiffusionLM(LM):
         }
 
     # --- training -----------------------------------------------------------------
+    def hidden(
+        self, ids: Tensor, segment_ids: Tensor | None = None, left_pad: Tensor | None = None
+    ) -> Tensor:
+        """Bidirectional final hidden states of ``ids``."""
+        return self.backbone.hidden_states(
+            ids, causal=False, segment_ids=segment_ids, left_pad=left_pad
+        )
+
     def logits(
         self, ids: Tensor, segment_ids: Tensor | None = None, left_pad: Tensor | None = None
     ) -> Tensor:
         """Bidirectional float logits that never predict MASK."""
-        hidden = self.backbone(ids, causal=False, segment_ids=segment_ids, left_pad=left_pad)
-        return self.never_mask(hidden)
+        return self.lm_logits(self.hidden(ids, segment_ids, left_pad))
 
-    def denoise(self, noisy: Tensor, batch: Batch) -> Tensor:
-        """The denoiser's logits for ``noisy``, the batch's tokens partly masked (laid out
-        as ``batch``: segments, left padding)."""
-        return self.logits(noisy, batch.segment_ids, batch.left_pad)
-
-    def never_mask(self, logits: Tensor) -> Tensor:
+    def lm_logits(self, hidden: Tensor) -> Tensor:
         """Float logits with MASK impossible (MDLM's zero masking)."""
-        logits = logits.float()
+        logits = self.backbone.lm_head(hidden).float()
         logits[..., self.mask_id] = float("-inf")
         return logits
+
+    def denoise_hidden(self, noisy: Tensor, batch: Batch) -> Tensor:
+        """The denoiser's final hidden states for ``noisy``, the batch's tokens partly
+        masked (laid out as ``batch``: segments, left padding)."""
+        return self.hidden(noisy, batch.segment_ids, batch.left_pad)
+
+    def denoise(self, noisy: Tensor, batch: Batch) -> Tensor:
+        """The denoiser's logits for ``noisy`` (see ``denoise_hidden``)."""
+        return self.lm_logits(self.denoise_hidden(noisy, batch))
 
     def sample_t(self, n: int, device: torch.device, generator: torch.Generator | None) -> Tensor:
         """(n,) noise levels in [eps, 1]. Antithetic: one uniform shifted by i/n, so every
@@ -122,11 +133,14 @@ class MaskedDiffusionLM(LM):
             scored_mask=masked,
         )
 
-    def token_logps(self, batch: Batch, *, temperature: float = 1.0) -> TokenLogps:
+    def token_logps(
+        self, batch: Batch, *, temperature: float = 1.0, with_features: bool = False
+    ) -> TokenLogps:
         """d1's one-step estimate: every position from the first target token to the end
         of the row or packed segment (the response) is masked, and each prompt token is
         masked with probability ``p_mask_prompt`` (per-row draws from ``batch.noise_seeds``,
-        else from the global generator); log p of each target token from that one pass."""
+        else from the global generator); log p of each target token from that one pass.
+        The features of a token are the hidden state at its (masked) position."""
         ids, targets = batch.input_ids, batch.loss_mask > 0
         seen = targets.long().cumsum(dim=1)  # targets so far: in the row, or its segment
         if batch.segment_ids is not None:
@@ -139,13 +153,9 @@ class MaskedDiffusionLM(LM):
             prompt &= index[None] >= batch.left_pad[:, None]
         draw = _uniform_rows(ids.shape, batch.noise_seeds, ids.device)
         masked = response | (prompt & (draw < self.p_mask_prompt))
-        logits = self.denoise(ids.masked_fill(masked, self.mask_id), batch)
-        found = self.log_softmax_at(logits[targets], ids[targets], temperature)
-
-        def placed(values: Tensor) -> Tensor:
-            return values.new_zeros(ids.shape).masked_scatter(targets, values)
-
-        return TokenLogps(placed(found.logps), placed(found.entropy))
+        hidden = self.denoise_hidden(ids.masked_fill(masked, self.mask_id), batch)
+        found = self.logps_at(hidden[targets], ids[targets], temperature, with_features)
+        return self.placed(found, targets)
 
     # --- generation ---------------------------------------------------------------
     def denoiser(self, left_pad: Tensor | None = None, **options) -> Denoiser:

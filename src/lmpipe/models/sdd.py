@@ -172,6 +172,20 @@ class SDDLM(MaskedDiffusionLM):
         )
         return embeds.view(*ids.shape, -1)
 
+    def hidden(
+        self,
+        ids: Tensor,
+        segment_ids: Tensor | None = None,
+        left_pad: Tensor | None = None,
+        proposal: Proposal | None = None,
+    ) -> Tensor:
+        """Final hidden states; with a ``proposal`` the masked positions read its
+        candidates."""
+        embeds = None if proposal is None else self.embed(ids, proposal)
+        return self.backbone.hidden_states(
+            ids, causal=False, segment_ids=segment_ids, left_pad=left_pad, embeds=embeds
+        )
+
     def logits(
         self,
         ids: Tensor,
@@ -180,23 +194,17 @@ class SDDLM(MaskedDiffusionLM):
         proposal: Proposal | None = None,
     ) -> Tensor:
         """Float logits; with a ``proposal`` the masked positions read its candidates."""
-        if proposal is None:
-            return super().logits(ids, segment_ids, left_pad)
-        embeds = self.embed(ids, proposal)
-        hidden = self.backbone(
-            ids, causal=False, segment_ids=segment_ids, left_pad=left_pad, embeds=embeds
-        )
-        return self.never_mask(hidden)
+        return self.lm_logits(self.hidden(ids, segment_ids, left_pad, proposal))
 
-    def denoise(self, noisy: Tensor, batch: Batch) -> Tensor:
+    def denoise_hidden(self, noisy: Tensor, batch: Batch) -> Tensor:
         """The two-pass denoiser: candidates from the plain pass, then the pass that reads
         them (just the plain pass at k=1)."""
-        first = self.logits(noisy, batch.segment_ids, batch.left_pad)
+        first = self.hidden(noisy, batch.segment_ids, batch.left_pad)
         k = self.current_k()
         if k == 1:
             return first
-        proposal = self.propose(first, k)
-        return self.logits(noisy, batch.segment_ids, batch.left_pad, proposal)
+        proposal = self.propose(self.lm_logits(first), k)
+        return self.hidden(noisy, batch.segment_ids, batch.left_pad, proposal)
 
     def score(self, batch: Batch, *, generator: torch.Generator | None = None) -> TokenScores:
         """One-sample NELBO of the two-pass denoiser; all randomness comes from

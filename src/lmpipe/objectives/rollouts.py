@@ -9,8 +9,9 @@ each, as SFT packing), so that an update costs what the real tokens do rather th
 rows x the longest (most completions stop well before the longest). A sequence is its
 prompt and its completion up to the stop token for a causal model (what follows can
 change nothing before it); a bidirectional model keeps the whole generated block, as it
-saw it while sampling. Values per completion (advantages) or per token (log-probs) come
-along with their tokens.
+saw it while sampling. Values per token (advantages, log-probs) come along with their
+tokens. ``Sampled.rows`` is the plain layout instead, one left-padded row per completion,
+for what runs along a completion's tokens (PPO's GAE).
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ class Rollout(Batch):
     token_weights: Tensor | None = None  # the update's loss = sum(token loss x weight) / rows
     old_logps: Tensor | None = None  # log-probs of the policy that sampled
     ref_token_logps: Tensor | None = None  # log-probs of the frozen reference
+    old_values: Tensor | None = None  # a value head's estimates at sampling time
+    returns: Tensor | None = None  # the value head's targets
 
 
 @dataclass
@@ -45,11 +48,12 @@ class Sampled:
     ids: Tensor  # (N, L) left-padded prompt + completion, padded after the stop
     loss_mask: Tensor  # (N, L) 1 on each completion up to and including its stop token
     left_pad: Tensor  # (N,)
-    lengths: Tensor  # (N,) tokens of each sequence (prompt + what the model reads of it)
+    sequence_lengths: Tensor  # (N,) prompt + what the model reads of the completion
     pad_id: int
 
     @property
-    def completion_lengths(self) -> Tensor:
+    def lengths(self) -> Tensor:
+        """(N,) float tokens of each completion, its stop token included."""
         return torch.tensor([float(c.tokens) for c in self.completions])
 
     @property
@@ -62,13 +66,13 @@ class Sampled:
         per update (the loss is their weighted sum) and are scaled here by the number of
         packed rows, since the Trainer averages row losses."""
         n, width = self.ids.shape
-        rows = pack_best_fit(list(range(n)), self.lengths.tolist(), capacity)
+        rows = pack_best_fit(list(range(n)), self.sequence_lengths.tolist(), capacity)
         source = torch.full((len(rows), capacity), -1, dtype=torch.long)
         segments = torch.zeros((len(rows), capacity), dtype=torch.long)
         for r, members in enumerate(rows):
             at = 0
             for s, i in enumerate(members):
-                length = int(self.lengths[i])
+                length = int(self.sequence_lengths[i])
                 start = i * width + int(self.left_pad[i])
                 source[r, at : at + length] = torch.arange(start, start + length)
                 segments[r, at : at + length] = s
@@ -87,8 +91,17 @@ class Sampled:
             input_ids=packed(self.ids, self.pad_id),
             loss_mask=packed(loss_mask, 0.0),
             segment_ids=segments,
-            real_tokens=int(self.lengths.sum()),
+            real_tokens=int(self.sequence_lengths.sum()),
             **fields,
+        )
+
+    def rows(self) -> Rollout:
+        """One left-padded row per completion, ``[padding | prompt | completion]``."""
+        return Rollout(
+            input_ids=self.ids,
+            loss_mask=self.loss_mask,
+            left_pad=self.left_pad,
+            real_tokens=int(self.sequence_lengths.sum()),
         )
 
 
@@ -137,6 +150,8 @@ def sample(
             truncated=not bool(stopped[row]),
             max_tokens=max_tokens,
             reference=references[row],
+            prompt_ids=tuple(ids[row, int(left_pad[row]) :].tolist()),
+            ids=tuple(new[row, : int(kept[row].sum())].tolist()),
         )
         for row in range(len(new))
     ]
@@ -146,6 +161,6 @@ def sample(
         ids=torch.cat([ids, new], dim=1),
         loss_mask=torch.cat([torch.zeros(ids.shape), kept.float()], dim=1),
         left_pad=left_pad,
-        lengths=width - left_pad + read,
+        sequence_lengths=width - left_pad + read,
         pad_id=pad_id,
     )

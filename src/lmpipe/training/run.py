@@ -147,6 +147,7 @@ def build_run(cfg: DictConfig, run_dir: Path, hardware: Hardware, env: DistEnv) 
             seed=cfg.seed,
             starting_model=_frozen(cfg, data, init_from, model_class.arch, hardware.device),
             starting_modules=init_from.module_states if init_from is not None else None,
+            open_checkpoint=lambda path: resolve_checkpoint(path, log=lambda m: _say(env, m)),
         )
     )
     modules = objective.modules()
