@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.lmpipe-installed
 TORCH_INSTALL ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || echo torch==2.13.0)
 EXTRAS ?= dev
 
-.PHONY: install demo ui chromium test test-slow lint format bench clean
+.PHONY: install demo demo-rlhf ui chromium test test-slow lint format bench clean
 
 install: $(STAMP)
 
@@ -20,6 +20,9 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(BIN)/python -m lmpipe.pipeline pipeline=lifecycle
+
+demo-rlhf: $(STAMP)  # after `make demo`: label -> reward model -> PPO from its SFT model
+	$(BIN)/python -m lmpipe.pipeline pipeline=rlhf
 
 ui: $(STAMP)  # the web UI on http://127.0.0.1:8000 (make ui ARGS="out_dir=runs port=8080")
 	$(BIN)/python -m lmpipe.ui $(ARGS)

@@ -177,6 +177,9 @@ def make_interleaver(lmpipe_step, warmup: int, chunk: int):
             if state.global_step - 1 < warmup:
                 return
             self.times["TRL"].append(elapsed)
+            self.lengths["TRL"].append(
+                self.trainer._metrics["train"]["completions/mean_length"][-1]
+            )
             if (state.global_step - warmup) % chunk == 0:
                 for i in range(self.next_lmpipe, self.next_lmpipe + chunk):
                     t0 = time.perf_counter()
@@ -231,6 +234,9 @@ def main() -> None:
     base.eval()
     tokenizer = hf_tokenizer(data)
     stop_ids = (data.tokenizer.turn_end_id, data.tokenizer.eos_id)
+    # A chat model's EOS is its end-of-turn token (as ChatML's <|im_end|>): where TRL stops
+    # sampling and ends the completion mask, as lmpipe does.
+    tokenizer.eos_token = tokenizer.convert_ids_to_tokens(stop_ids[0])
     options = PromptOptions(
         epoch_seed=0,
         epoch_shuffle=True,
@@ -257,13 +263,13 @@ def main() -> None:
 
     callback = make_interleaver(lambda i: lmpipe.train_step(batches[i]), args.warmup, args.chunk)
     trl = trl_grpo(args, hf, tokenizer, prompts, callback, run_dir / "trl", stop_ids)
+    callback.trainer = trl
     for i in range(args.warmup):
         lmpipe.train_step(batches[i])
     started = time.perf_counter()
     trl.train()
     wall = time.perf_counter() - started
     times = callback.times
-    trl_lengths = trl._metrics["train"]["completions/mean_length"][args.warmup :]
 
     c = base.config
     params = sum(p.numel() for p in base.parameters())
@@ -283,7 +289,7 @@ def main() -> None:
         ]
 
     table = []
-    for name, lengths in (("TRL", trl_lengths), ("lmpipe", callback.lengths["lmpipe"])):
+    for name, lengths in callback.lengths.items():
         ratios = [t / s for t, s in zip(per_round("TRL"), per_round(name), strict=True)]
         table.append(
             [

@@ -131,11 +131,13 @@ def save_random_checkpoint(
     stage: str = "pretrain",
     scale: float | None = None,
     seed: int = 0,
+    modules: dict | None = None,
     **shape,
 ) -> Path:
     """A checkpoint of a freshly initialised model on prepared ``data_cfg``, with the meta
     a training run writes. ``scale``: redraw every weight from N(0, scale^2) so that the
-    predictions are far from uniform (sharper checks of numerics)."""
+    predictions are far from uniform (sharper checks of numerics). ``modules``: objective
+    modules to save with it, by name (e.g. a reward head)."""
     import torch
 
     from lmpipe.data.prepare import prepare
@@ -163,7 +165,14 @@ def save_random_checkpoint(
         "tokenizer_hash": data.tokenizer.hash,
         "data_dir": str(data.directory),
     }
-    save_checkpoint(path, model=model, trainer_state={}, tokenizer=data.tokenizer, meta=meta)
+    save_checkpoint(
+        path,
+        model=model,
+        trainer_state={},
+        tokenizer=data.tokenizer,
+        meta=meta,
+        modules=modules,
+    )
     return path
 
 
@@ -205,3 +214,12 @@ def chat_run(tmp_path_factory, cache_dir) -> Path:
 
     out = tmp_path_factory.mktemp("chat_run")
     return api.train([*CHAT_RUN, f"out_dir={out}", f"cache_dir={cache_dir}"])
+
+
+def stub_logits(model, monkeypatch, logits_of) -> None:
+    """Make ``model``'s backbone compute ``logits_of(ids, **kwargs)`` as its logits: the
+    stub stands in for the hidden states and the LM head becomes the identity."""
+    from torch import nn
+
+    monkeypatch.setattr(model.backbone, "hidden_states", logits_of)
+    monkeypatch.setattr(model.backbone, "lm_head", nn.Identity())

@@ -12,6 +12,8 @@ from lmpipe.models import build_from_config_dict, build_lm
 from lmpipe.models.ar import ARLM
 from lmpipe.models.diffusion import DiffusionLM
 
+from conftest import stub_logits
+
 VOCAB = 37
 SPECIAL = {"pad": 0, "eos": 2, "mask": 3}
 ARCH = {"_target_": "lmpipe.models.diffusion.DiffusionLM", "name": "diffusion"}
@@ -95,7 +97,7 @@ def test_loss_is_cross_entropy_at_masked_positions_weighted_by_one_over_t():
 def test_perfect_denoiser_has_zero_loss(monkeypatch):
     model = tiny()
     batch = random_batch()
-    monkeypatch.setattr(model.backbone, "forward", perfect_backbone(batch.input_ids))
+    stub_logits(model, monkeypatch, perfect_backbone(batch.input_ids))
     scores = model(batch, generator=gen(0))
     assert scores.scored_mask.any()
     assert scores.nll.max().item() < 1e-6
@@ -105,9 +107,7 @@ def test_perfect_denoiser_has_zero_loss(monkeypatch):
 def test_mask_token_is_never_predicted(monkeypatch):
     model = tiny()
     batch = random_batch()
-    monkeypatch.setattr(
-        model.backbone, "forward", perfect_backbone(batch.input_ids, favourite=SPECIAL["mask"])
-    )
+    stub_logits(model, monkeypatch, perfect_backbone(batch.input_ids, favourite=SPECIAL["mask"]))
     scores = model(batch, generator=gen(0))
     assert torch.isfinite(scores.nll).all() and scores.nll.max().item() < 1e-6
     assert torch.equal(scores.correct, scores.scored_mask)
@@ -155,9 +155,9 @@ def test_generation_fills_every_mask_and_is_reproducible(sampler):
 def test_ancestral_sampler_evaluates_the_model_only_when_tokens_change(monkeypatch):
     model = tiny().eval()
     calls = []
-    forward = model.backbone.forward
+    forward = model.backbone.hidden_states
     monkeypatch.setattr(
-        model.backbone, "forward", lambda *a, **k: calls.append(1) or forward(*a, **k)
+        model.backbone, "hidden_states", lambda *a, **k: calls.append(1) or forward(*a, **k)
     )
     out = model.generate(torch.randint(4, VOCAB, (1, 3)), 4, sampler="ancestral", steps=200)
     assert not out.eq(SPECIAL["mask"]).any()
@@ -168,9 +168,11 @@ def test_ancestral_sampler_evaluates_the_model_only_when_tokens_change(monkeypat
 def test_confidence_sampler_fills_blocks_left_to_right(monkeypatch):
     model = tiny().eval()
     seen = []
-    forward = model.backbone.forward
+    forward = model.backbone.hidden_states
     monkeypatch.setattr(
-        model.backbone, "forward", lambda ids, **k: seen.append(ids.clone()) or forward(ids, **k)
+        model.backbone,
+        "hidden_states",
+        lambda ids, **k: seen.append(ids.clone()) or forward(ids, **k),
     )
     model.generate(torch.randint(4, VOCAB, (2, 3)), 6, block_length=2, steps=6)
     assert len(seen) == 6  # 3 blocks x 2 steps, one token committed per step

@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from lmpipe.batch import PromptBatch
+from lmpipe.errors import LmpipeError
 from lmpipe.models.base import TokenLogps
 from lmpipe.objectives.grpo import GRPO, SCALE_REWARDS, group_advantages, kl_k3
 from lmpipe.objectives.rewards import AnswerMatch, Completion, Format, LengthPenalty, score
@@ -81,8 +82,8 @@ def rollout(loss_type: str) -> Rollout:
     return Rollout(
         input_ids=torch.zeros(2, 5, dtype=torch.long),
         loss_mask=mask,
-        advantages=torch.tensor([1.0, -3.0]),
-        token_weights=token_weights(mask, loss_type, 4),
+        advantages=torch.tensor([[1.0] * 5, [-3.0] * 5]),
+        token_weights=token_weights(mask, loss_type, 4) * 2,  # x rows: the Trainer averages
         old_logps=torch.full((2, 5), -1.0),
     )
 
@@ -168,7 +169,7 @@ def starting_checkpoints(tmp_path_factory, cache_dir):
     cfg = data_config("demo_prompts", PROMPT_RECORDS)
     return {
         arch: save_random_checkpoint(root / arch, cfg, cache_dir, arch=arch, scale=0.3)
-        for arch in ("ar", "diffusion")
+        for arch in ("ar", "diffusion", "sdd")
     }
 
 
@@ -188,7 +189,7 @@ def grpo_args(start, cache_dir, *extra: str) -> list[str]:
     ]
 
 
-@pytest.mark.parametrize("arch", ["ar", "diffusion"])
+@pytest.mark.parametrize("arch", ["ar", "diffusion", "sdd"])
 def test_first_update_of_a_rollout_has_ratio_one_and_zero_kl_to_an_identical_reference(
     arch, starting_checkpoints, cache_dir, tmp_path
 ):
@@ -199,6 +200,7 @@ def test_first_update_of_a_rollout_has_ratio_one_and_zero_kl_to_an_identical_ref
         tmp_path / "run",
         *grpo_args(starting_checkpoints[arch], cache_dir),
         f"arch={arch}",
+        "arch.k_schedule=[[0,4]]" if arch == "sdd" else "model.dropout=0.2",
         "model.dropout=0.2",
         "objective.num_iterations=2",
         "objective.beta=0.04",
@@ -212,16 +214,22 @@ def test_first_update_of_a_rollout_has_ratio_one_and_zero_kl_to_an_identical_ref
     assert len(updates) == 2 and updates[0].metrics and updates[1].metrics is None
     first = updates[0]
     mask = first.loss_mask > 0
-    assert mask.any() and first.rows_per_example == 4
-    logps = trainer.train_model(first, output="logps", temperature=0.7).logps
+    assert mask.any() and first.segment_ids is not None  # packed sequences
+    micro = trainer.micro_batch_examples  # as the Trainer splits the update
+
+    def logps_of(model) -> torch.Tensor:
+        parts = [model(m, output="logps", temperature=0.7).logps for m in first.split(micro)]
+        return torch.cat(parts)
+
+    logps = logps_of(trainer.train_model)
     ratio = torch.exp(logps - first.old_logps)[mask]
     assert (ratio - 1).abs().max() < 1e-5
     assert kl_k3(logps, first.ref_token_logps)[mask].abs().max() < 1e-5
     # The same with dropout on is far from 1: the check above can fail.
     trainer.train_model.train(True)
-    noisy = trainer.train_model(first, output="logps", temperature=0.7).logps
+    noisy = logps_of(trainer.train_model)
     assert (torch.exp(noisy - first.old_logps)[mask] - 1).abs().max() > 1e-3
-    if arch == "diffusion":  # new masks at the second iteration
+    if arch != "ar":  # new masks at the second iteration
         assert not torch.equal(updates[0].old_logps, updates[1].old_logps)
 
 
@@ -301,43 +309,55 @@ def test_grpo_resumed_after_sigkill_ends_with_the_uninterrupted_weights(
         (["data=demo"], ["'grpo' trains on prompt data", "data=demo is text data"]),
         (["data=demo_chat"], ["data=demo_chat is chat data"]),
         (["objective.num_generations=1"], ["objective.num_generations=1 must be an integer >= 2"]),
-        (["reward=[answer_matsh]"], ["reward/answer_matsh"]),
         (["sampler.kind=episodes"], ["reads batches from a prompts sampler"]),
         (["objective.loss_type=ppo"], ["objective.loss_type='ppo' must be one of grpo"]),
     ],
 )
-def test_grpo_bad_input_is_one_line(lmpipe, starting_checkpoints, cache_dir, extra, fragments):
-    proc = lmpipe("train", *grpo_args(starting_checkpoints["ar"], cache_dir), *extra, check=False)
-    assert_one_line_error(proc, *fragments)
+def test_grpo_refuses_bad_settings(starting_checkpoints, cache_dir, tmp_path, extra, fragments):
+    with pytest.raises(LmpipeError) as error:
+        build_cpu_run(tmp_path / "run", *grpo_args(starting_checkpoints["ar"], cache_dir), *extra)
+    for fragment in fragments:
+        assert fragment in str(error.value)
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_unknown_reward_is_one_line_from_the_command_line(
+    lmpipe, starting_checkpoints, cache_dir
+):
+    proc = lmpipe(
+        "train",
+        *grpo_args(starting_checkpoints["ar"], cache_dir),
+        "reward=[answer_matsh]",
+        check=False,
+    )
+    assert_one_line_error(proc, "reward/answer_matsh")
 
 
 def test_answer_match_on_prompts_without_answers_says_how_many(
-    lmpipe, starting_checkpoints, cache_dir, tmp_path
+    starting_checkpoints, cache_dir, tmp_path
 ):
     path = tmp_path / "prompts.jsonl"
     rows = [{"prompt": f"What is {i} plus {i}?", "answer": str(2 * i)} for i in range(40)]
     for row in rows[::4]:
         del row["answer"]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    proc = lmpipe(
-        "train",
-        *grpo_args(starting_checkpoints["ar"], cache_dir),
-        "data.sources.0.builtin=null",
-        f"+data.sources.0.path={path}",
-        "~data.sources.0.filters",
-        check=False,
-    )
-    assert_one_line_error(proc, "reward answer_match needs each prompt's answer", "have none")
+    with pytest.raises(LmpipeError, match="reward answer_match needs each prompt's answer"):
+        build_cpu_run(
+            tmp_path / "run",
+            *grpo_args(starting_checkpoints["ar"], cache_dir),
+            "data.sources.0.builtin=null",
+            f"+data.sources.0.path={path}",
+            "~data.sources.0.filters",
+        )
 
 
 def test_a_completion_longer_than_the_diffusion_block_is_refused(
-    lmpipe, starting_checkpoints, cache_dir
+    starting_checkpoints, cache_dir, tmp_path
 ):
-    proc = lmpipe(
-        "train",
-        *grpo_args(starting_checkpoints["diffusion"], cache_dir),
-        "arch=diffusion",
-        "objective.max_completion_length=64",
-        check=False,
-    )
-    assert_one_line_error(proc, "objective.max_completion_length=64 does not fit", "block of 64")
+    with pytest.raises(LmpipeError, match="objective.max_completion_length=64 does not fit"):
+        build_cpu_run(
+            tmp_path / "run",
+            *grpo_args(starting_checkpoints["diffusion"], cache_dir),
+            "arch=diffusion",
+            "objective.max_completion_length=64",
+        )

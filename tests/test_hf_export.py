@@ -142,3 +142,26 @@ def test_gpt2_export_uses_exact_gelu():
     assert hf.config.activation_function == "gelu"
     x = torch.linspace(-4, 4, 101)
     torch.testing.assert_close(hf.transformer.h[0].mlp.act(x), F.gelu(x))
+
+
+@pytest.mark.parametrize("layout", [LLAMA, GPT2], ids=["llama", "gpt2"])
+def test_a_reward_model_exports_to_a_sequence_classifier_with_the_same_scores(layout):
+    """HF pools at each row's last non-pad token, lmpipe at the last response token."""
+    from lmpipe.batch import Batch
+    from lmpipe.models.hf_export import to_hf_reward_model
+    from lmpipe.objectives.reward_model import response_scores, scalar_head
+
+    model = sharp_model(**layout)
+    head = scalar_head(32)
+    torch.nn.init.normal_(head.weight)
+    hf = to_hf_reward_model(model, head)
+    assert type(hf).__name__.endswith("ForSequenceClassification")
+    ids = torch.randint(4, 41, (3, 12))
+    mask = torch.zeros(3, 12)
+    for row, (prompt, end) in enumerate([(3, 11), (2, 6), (5, 8)]):
+        mask[row, prompt : end + 1] = 1
+        ids[row, end + 1 :] = 0  # padding
+    with torch.no_grad():
+        ours = response_scores(model, head, Batch(input_ids=ids, loss_mask=mask), 0, 24)
+        theirs = hf(input_ids=ids, attention_mask=(ids != 0).long()).logits.squeeze(-1)
+    torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-4)

@@ -145,6 +145,20 @@ def test_missing_file_is_a_data_error(tmp_path):
         prepare(jsonl_cfg(tmp_path / "absent.jsonl"), tmp_path, progress=False)
 
 
+def test_a_local_file_rewritten_in_place_is_prepared_again(tmp_path):
+    """The cache key covers the files a mixture reads (size, mtime), not only its config:
+    relabelled pairs written to the same path are new data."""
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(json.dumps({"prompt": "Q?", "chosen": "yes", "rejected": "no"}) + "\n")
+    cfg = jsonl_cfg(path, format="auto", split={"val_fraction": 0.0})
+    first = prepare(cfg, tmp_path / "c", progress=False)
+    assert prepare(cfg, tmp_path / "c", progress=False).directory == first.directory
+    path.write_text(path.read_text() * 2)
+    second = prepare(cfg, tmp_path / "c", progress=False)
+    assert second.directory != first.directory
+    assert second.manifest["splits"]["train"]["documents"] == 4
+
+
 def test_other_file_types_and_the_datasets_loader(tmp_path):
     """.json lists, .parquet files, globs, and HF ``datasets`` loading (``hub:`` takes a hub id
     or, as here without network, a local dataset folder) all give the same records."""

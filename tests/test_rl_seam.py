@@ -90,6 +90,21 @@ def test_diffusion_one_step_estimate_of_a_one_token_reply_is_its_exact_log_prob(
     ) == pytest.approx(float(estimate), abs=1e-5)
 
 
+def test_a_packed_sequence_gets_the_estimate_it_gets_alone():
+    lm = model("diffusion", p_mask_prompt=0.0)
+    first, second = [5, 9, 11, 4, 20, 21], [7, 8, 30, 31, 32]
+    alone = Batch(input_ids=torch.tensor([second]), loss_mask=torch.tensor([[0.0, 0, 1, 1, 0]]))
+    packed = Batch(
+        input_ids=torch.tensor([[*first, *second, 0, 0]]),
+        loss_mask=torch.tensor([[0.0, 0, 0, 0, 1, 1, 0, 0, 1, 1, 0, 0, 0]]),
+        segment_ids=torch.tensor([[0] * 6 + [1] * 5 + [2, 2]]),
+    )
+    expected = lm(alone, output="logps").logps[0, 2:4].detach()
+    torch.testing.assert_close(
+        lm(packed, output="logps").logps[0, 8:10].detach(), expected, atol=1e-5, rtol=0
+    )
+
+
 def test_diffusion_estimate_masks_the_whole_response_and_prompt_tokens_by_row_seed():
     lm = model("diffusion", p_mask_prompt=0.5)
     ids = torch.randint(3, VOCAB, (4, 20))
@@ -118,3 +133,20 @@ def test_unwrap_finds_the_lm_inside_wrappers():
     assert unwrap(Wrapper(Wrapper(lm))) is lm
     with pytest.raises(TypeError):
         unwrap(torch.nn.Linear(2, 2))
+
+
+def test_rows_that_finished_leave_the_batch_without_changing_the_others():
+    """Greedy replies that stop at different steps: the stream drops finished rows from its
+    batch and cache (a quarter at a time) and still gives every row what it gives alone."""
+    lm = model("ar")
+    prompts = torch.randint(3, VOCAB, (8, 5))
+    alone = [lm.generate(p[None], 12, temperature=0.0)[0, 5:].tolist() for p in prompts]
+    eos = alone[0][2]  # a token row 0 emits early: rows stop wherever they emit it
+    together = lm.generate(prompts, 12, temperature=0.0, eos_id=eos)[:, 5:].tolist()
+    stopped = 0
+    for row, ids in enumerate(alone):
+        cut = ids.index(eos) + 1 if eos in ids else len(ids)
+        stopped += cut < 12
+        assert together[row][:cut] == ids[:cut]
+        assert set(together[row][cut:]) <= {eos}
+    assert stopped >= 2

@@ -10,6 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from lmpipe.config import CONF_DIR
+
 from conftest import TINY, assert_one_line_error, read_metrics, train_until_killed
 
 
@@ -262,8 +264,10 @@ def test_multirun_sweep_runs_each_job_in_its_own_directory(lmpipe, tmp_path):
 def test_help_lists_groups_and_cfg_prints_the_composed_config(lmpipe):
     help_text = lmpipe("train", "--help").stdout
     for group in (
-        "stage: dpo, midtrain, pretrain, sft",
-        "arch: ar, diffusion",
+        *(
+            f"{g}: " + ", ".join(sorted(p.stem for p in (CONF_DIR / g).glob("*.yaml")))
+            for g in ("stage", "arch")
+        ),
         "model:",
         "nanogpt-shakespeare",
         "hardware: auto, cpu",

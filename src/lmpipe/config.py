@@ -12,7 +12,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from lmpipe.errors import ConfigError
+from lmpipe.errors import ConfigError, LmpipeError
 
 
 def _positive_int(cfg: DictConfig, key: str, allow_zero: bool = False) -> None:
@@ -20,6 +20,20 @@ def _positive_int(cfg: DictConfig, key: str, allow_zero: bool = False) -> None:
     low = 0 if allow_zero else 1
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise ConfigError(f"{key}={value!r} must be an integer >= {low}")
+
+
+def instantiate(node):
+    """``hydra.utils.instantiate``, re-raising an lmpipe user error from a constructor as
+    itself (Hydra wraps it in an InstantiationException with its own report)."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate as hydra_instantiate
+
+    try:
+        return hydra_instantiate(node)
+    except InstantiationException as exc:
+        if isinstance(exc.__cause__, ConfigError | LmpipeError):
+            raise exc.__cause__ from None
+        raise
 
 
 def _finite(value) -> bool:

@@ -1,7 +1,9 @@
 """``python -m lmpipe.evaluate checkpoint=<dir> [data=<mixture>]``: evaluate checkpoints.
 
 The architecture, model and tokenizer come from each checkpoint; the held-out data is each
-run's own unless ``data`` names a mixture. Several checkpoints (``checkpoint=[a,b,c]``)
+run's own unless ``data`` names a mixture. A reward model (``stage=rm``) also reports its
+held-out pair accuracy (``rm/*``); ``eval.kl_reference`` with ``kl`` in ``eval.metrics``
+reports each checkpoint's KL to that reference. Several checkpoints (``checkpoint=[a,b,c]``)
 give one comparison table: printed, and written as ``eval.output`` (JSON) and next to it
 as Markdown, with the generation samples in ``<output stem>_samples/``.
 """
@@ -24,8 +26,8 @@ def main(cfg: DictConfig) -> None:
 
 
 def _evaluate(cfg: DictConfig) -> None:
-    from hydra.utils import instantiate
 
+    from lmpipe.config import instantiate
     from lmpipe.eval.runner import (
         check_options,
         checkpoint_details,
@@ -68,6 +70,7 @@ def _evaluate(cfg: DictConfig) -> None:
             temperature=cfg.eval.temperature,
             noise_draws=cfg.eval.noise_draws,
             rewards=rewards,
+            reference=cfg.eval.kl_reference,
         )
         details[name] = checkpoint_details(checkpoint, data_cfg and data_cfg.get("name"))
     print(write_results(results, output, details))

@@ -2,7 +2,8 @@
 
 The folder loads with ``AutoModelForCausalLM.from_pretrained`` and
 ``AutoTokenizer.from_pretrained`` (Llama or GPT-2 by the model's layout; see
-``lmpipe.models.hf_export``).
+``lmpipe.models.hf_export``); a reward model (``stage=rm``) with
+``AutoModelForSequenceClassification``.
 """
 
 from __future__ import annotations
@@ -19,10 +20,12 @@ from lmpipe.cli import run, user_errors
 def main(cfg: DictConfig) -> None:
     with user_errors("lmpipe.export"):
         from lmpipe.models.hf_export import export
+        from lmpipe.objectives.reward_model import reward_head
         from lmpipe.training.checkpoint import resolve_checkpoint
 
         checkpoint = resolve_checkpoint(cfg.checkpoint, log=lambda m: print(m, file=sys.stderr))
-        out = export(checkpoint.build_model(), checkpoint.tokenizer(), cfg.out)
+        head = reward_head(checkpoint)
+        out = export(checkpoint.build_model(), checkpoint.tokenizer(), cfg.out, head=head)
         print(out)
 
 

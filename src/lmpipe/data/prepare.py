@@ -35,7 +35,7 @@ from lmpipe.data.builtin import BUILTIN_VERSION
 from lmpipe.data.filters import build_filters, first_failing
 from lmpipe.data.mixer import mixture_ratios, plan_mixture, validate_mixture
 from lmpipe.data.shards import ShardWriter, TokenShards, token_dtype
-from lmpipe.data.sources import has_own_val, iter_source
+from lmpipe.data.sources import OWN_VAL_KEYS, has_own_val, iter_source, resolve_paths
 from lmpipe.data.tokenizer import Tokenizer, build_tokenizer
 from lmpipe.errors import ConfigError, DataError
 
@@ -82,6 +82,18 @@ class PreparedData:
         return hashlib.sha256((self.directory / "manifest.json").read_bytes()).hexdigest()
 
 
+def local_files(cfg: dict) -> list[list]:
+    """Path, size and modification time of every local file the mixture reads."""
+    found = []
+    for source in cfg.get("sources") or []:
+        for key in ("path", OWN_VAL_KEYS["path"]):
+            if source.get("path") and source.get(key):
+                for path in resolve_paths({**source, "path": source[key]}):
+                    stat = path.stat()
+                    found.append([str(path), stat.st_size, stat.st_mtime_ns])
+    return found
+
+
 def cache_key(cfg: dict, tokenizer: Tokenizer | None) -> str:
     payload = {
         "format_version": FORMAT_VERSION,
@@ -90,6 +102,9 @@ def cache_key(cfg: dict, tokenizer: Tokenizer | None) -> str:
     }
     if any(source.get("builtin") for source in cfg.get("sources") or []):
         payload["builtin_version"] = BUILTIN_VERSION  # generated records change with the code
+    files = local_files(cfg)
+    if files:  # a local file rewritten in place (e.g. relabelled pairs) is new data
+        payload["files"] = files
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 

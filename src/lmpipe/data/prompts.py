@@ -23,6 +23,7 @@ class Prompt:
     ids: list[int]  # what the model continues
     text: str  # the prompt as a reader sees it
     reference: str | None  # the held-out continuation (a prompt record's answer)
+    messages: tuple[dict, ...] = ()  # the conversation before the reply (not for text)
 
 
 def read_prompts(data: PreparedData, split: str, limit: int | None = None) -> list[Prompt]:
@@ -44,7 +45,7 @@ def read_prompts(data: PreparedData, split: str, limit: int | None = None) -> li
                 messages = record["prompt"]
                 reference = record["answer"] if fmt == "prompt" else record["chosen"]
             text = tokenizer.render_chat(messages, add_generation_prompt=True)
-            prompts.append(Prompt(tokenizer.encode(text), text, reference))
+            prompts.append(Prompt(tokenizer.encode(text), text, reference, tuple(messages)))
     return prompts
 
 

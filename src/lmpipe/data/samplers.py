@@ -294,8 +294,9 @@ class EpisodeSampler(EpochSampler):
     padded to the batch's longest; packing fills rows of ``row_length`` with the epoch's
     episodes by best-fit decreasing (``pack_best_fit``), then shuffles the rows; segment
     ids keep the episodes of a row apart. With ``pad_id`` padding has loss 0; an
-    architecture that learns to stop by predicting EOS in the padding (``pads_with_eos``)
-    pads with EOS, trained.
+    architecture that learns to stop by predicting a token in the padding
+    (``LM.pad_target``: diffusion's EOS, SDD's IGNORE) pads with that token,
+    ``pad_target_id``, trained.
     """
 
     def __init__(
@@ -305,14 +306,14 @@ class EpisodeSampler(EpochSampler):
         options: EpisodeOptions,
         *,
         pad_id: int,
-        eos_id: int | None = None,
+        pad_target_id: int | None = None,
         rank: int = 0,
         world_size: int = 1,
     ):
         super().__init__(episodes.kept, rows, options, rank, world_size)
         self.episodes = episodes
         self.pad_id = pad_id
-        self.eos_id = eos_id  # set: pad with EOS and train on it
+        self.pad_target_id = pad_target_id  # set: pad with it and train on it
         if options.packing and episodes.starts.shape[1] != 1:
             raise ConfigError(
                 "sampler.packing=true is for single-document episodes (SFT), not pairs"
@@ -348,7 +349,11 @@ class EpisodeSampler(EpochSampler):
 
     def _collate(self, rows: list[tuple[int, ...]], packing: bool) -> Batch:
         batch = collate_episodes(
-            self.episodes, rows, packing=packing, pad_id=self.pad_id, eos_id=self.eos_id
+            self.episodes,
+            rows,
+            packing=packing,
+            pad_id=self.pad_id,
+            pad_target_id=self.pad_target_id,
         )
         batch.example_ids = [e for row in rows for e in row]
         return batch
@@ -417,19 +422,21 @@ def collate_episodes(
     *,
     packing: bool,
     pad_id: int,
-    eos_id: int | None = None,
+    pad_target_id: int | None = None,
 ) -> Batch:
     """Rows of episode ids -> a Batch. Without packing every document is its own row (a
     pair gives two: chosen, rejected), padded to the longest; with packing a row holds its
-    episodes one after another, with segment ids, padded to ``row_length``. ``eos_id``:
-    pad with EOS and train on it (architectures with ``pads_with_eos``; to the longest of the
-    batch, as LLaDA, so that the short replies are not drowned in EOS targets)."""
+    episodes one after another, with segment ids, padded to ``row_length``.
+    ``pad_target_id``: pad with this token and train on it (``LM.pad_target``; to the
+    longest of the batch, as LLaDA, so that the short replies are not drowned in padding
+    targets)."""
     docs = [[d for e in row for d in episodes.documents(e)] for row in rows]
     if not packing:
         docs = [[d] for row in docs for d in row]
     lengths = [sum(len(ids) for ids, _ in row) for row in docs]
     width = episodes.row_length if packing else max(lengths)
-    ids = np.full((len(docs), width), pad_id if eos_id is None else eos_id, dtype=np.int64)
+    fill = pad_id if pad_target_id is None else pad_target_id
+    ids = np.full((len(docs), width), fill, dtype=np.int64)
     mask = np.zeros((len(docs), width), dtype=np.float32)
     segments = np.zeros((len(docs), width), dtype=np.int64)
     for r, row in enumerate(docs):
@@ -440,7 +447,7 @@ def collate_episodes(
             segments[r, at : at + len(doc_ids)] = s
             at += len(doc_ids)
         segments[r, at:] = len(row)  # padding is a segment of its own
-        if eos_id is not None:
+        if pad_target_id is not None:
             mask[r, at:] = 1.0
     return Batch(
         input_ids=torch.from_numpy(ids),
@@ -457,7 +464,7 @@ def eval_episodes(
     max_batches: int,
     *,
     pad_id: int,
-    eos_id: int | None = None,
+    pad_target_id: int | None = None,
     rank: int = 0,
     world_size: int = 1,
 ) -> list[Batch]:
@@ -470,7 +477,7 @@ def eval_episodes(
             [(e,) for e in mine[i : i + rows]],
             packing=False,
             pad_id=pad_id,
-            eos_id=eos_id,
+            pad_target_id=pad_target_id,
         )
         for i in range(0, len(mine), rows)
     ]

@@ -3,7 +3,8 @@
 - ``scoring_batches``: rows to score, laid out as in training (windows of the token stream
   for text data; whole episodes with their loss mask for chat, prompt and preference data,
   a pair being two rows: chosen, rejected; an architecture that learns to stop by
-  predicting EOS padding, diffusion, is scored on that padding too, as in its training);
+  predicting its padding token, diffusion's EOS or SDD's IGNORE, is scored on that padding
+  too, as in its training);
 - ``heldout_prompts``: prompts to complete, from the split's records (``mixed_val.jsonl``),
   each with its held-out continuation: the final assistant reply of a chat, the answer of
   a prompt record, the chosen reply of a pair, the rest of a text document.
@@ -40,12 +41,13 @@ def scoring_batches(
                 f"(dropped: {dict(episodes.dropped)})"
             )
         tokenizer = data.tokenizer
+        target = model.pad_target()
         batches = eval_episodes(
             episodes,
             batch_size,
             max_batches,
             pad_id=tokenizer.pad_id,
-            eos_id=tokenizer.eos_id if model.pads_with_eos else None,
+            pad_target_id=tokenizer.special_id(target) if target else None,
         )
     return _first_examples(batches, num_samples)
 

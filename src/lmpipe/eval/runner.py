@@ -15,20 +15,23 @@ import torch
 
 from lmpipe.data.prepare import PreparedData, prepare
 from lmpipe.data.tokenizer import Tokenizer
-from lmpipe.errors import ConfigError, LmpipeError
+from lmpipe.errors import CheckpointError, ConfigError, LmpipeError
+from lmpipe.eval.divergence import kl_metrics
 from lmpipe.eval.diversity import distinct_n, self_bleu
 from lmpipe.eval.generation import complete
 from lmpipe.eval.heldout import Prompt, completion_stops, heldout_prompts, scoring_batches
 from lmpipe.eval.likelihood import preference_metrics, score_rows, token_metrics
+from lmpipe.eval.reward_model import reward_model_metrics
 from lmpipe.eval.speed import measure_speed
 from lmpipe.eval.tasks import answer_accuracy, greedy_replies, reward_metrics
 from lmpipe.models import LM
-from lmpipe.objectives.rewards import Reward
+from lmpipe.objectives.reward_model import reward_head
+from lmpipe.objectives.rewards import Reward, RewardContext
 from lmpipe.rundir import CHECKPOINT_DIR
 from lmpipe.training.checkpoint import Checkpoint, resolve_checkpoint
 from lmpipe.training.hardware import resolve_device
 
-METRICS = ("perplexity", "accuracy", "generation", "speed", "task", "reward")
+METRICS = ("perplexity", "accuracy", "generation", "speed", "task", "reward", "rm", "kl")
 METRIC_NAMES = (
     "val/loss",
     "val/perplexity",
@@ -38,6 +41,10 @@ METRIC_NAMES = (
     "task/preference_accuracy",
     "task/preference_margin",
     "reward/mean",  # and reward/<name> for each reward
+    "rm/accuracy",  # a reward model's held-out pairs: chosen scored above rejected
+    "rm/margin",
+    "kl/sequence",  # KL(model || reference) of sampled replies, per reply and per token
+    "kl/token",
     "generation/distinct_1",
     "generation/distinct_2",
     "generation/self_bleu",
@@ -86,6 +93,7 @@ def evaluate_checkpoint(
     temperature: float = 1.0,
     noise_draws: int = 4,
     rewards: dict[str, Reward] | None = None,
+    reference: str | Path | Checkpoint | None = None,
     progress: bool = True,
 ) -> dict[str, float]:
     """Evaluate one checkpoint (or run directory: its newest checkpoint) on held-out data.
@@ -96,7 +104,10 @@ def evaluate_checkpoint(
     batches of ``batch_size``. Generation samples are drawn at ``temperature`` (written to
     ``samples_path`` as JSONL when given); answers are always greedy. ``noise_draws``:
     how many fixed-seed noise draws score a bound-based architecture. ``rewards``: what
-    the ``reward`` group scores the greedy replies with (an RL stage's rewards).
+    the ``reward`` group scores the greedy replies with (an RL stage's rewards; a reward
+    model among them must share the checkpoint's tokenizer). ``rm``: a reward-model
+    checkpoint's accuracy on held-out preference pairs (skipped for other checkpoints or
+    data). ``kl``: KL(model || ``reference``) of replies sampled at ``temperature``.
     """
     metrics = check_options(
         metrics,
@@ -106,7 +117,7 @@ def evaluate_checkpoint(
         noise_draws=noise_draws,
     )
     if not isinstance(checkpoint, Checkpoint):
-        checkpoint = resolve_checkpoint(checkpoint, log=lambda m: print(m, file=sys.stderr))
+        checkpoint = resolve_checkpoint(checkpoint, log=_stderr)
     if not isinstance(device, torch.device):
         device = resolve_device(device)
     tokenizer = checkpoint.tokenizer()
@@ -128,9 +139,18 @@ def evaluate_checkpoint(
         )
         if pairs:
             results.update(preference_metrics(scores))
+    if "rm" in wanted and data.manifest["format"] == "preference":
+        head = reward_head(checkpoint)
+        if head is not None:
+            batches = scoring_batches(data, model, num_samples, batch_size)
+            results.update(
+                reward_model_metrics(model, head, batches, pad_id=tokenizer.pad_id, device=device)
+            )
     if "reward" in wanted and not rewards:
         raise ConfigError("eval.metrics has reward, but no reward is configured (reward=[...])")
-    if wanted & {"generation", "speed", "task", "reward"}:
+    if "kl" in wanted and reference is None:
+        raise ConfigError("eval.metrics has kl, but no reference model (eval.kl_reference=...)")
+    if wanted & {"generation", "speed", "task", "reward", "kl"}:
         prompts = heldout_prompts(data, num_samples)
         common = {"max_new_tokens": max_new_tokens, "batch_size": batch_size, "device": device}
         if wanted & {"task", "reward"} and data.manifest["format"] != "text":
@@ -139,7 +159,28 @@ def evaluate_checkpoint(
             if "task" in wanted and accuracy is not None:
                 results["task/answer_accuracy"] = accuracy
             if "reward" in wanted:
+                context = RewardContext(
+                    tokenizer=tokenizer,
+                    device=device,
+                    open_checkpoint=lambda path: resolve_checkpoint(path, log=_stderr),
+                    batch_size=batch_size,
+                )
+                for reward in rewards.values():
+                    reward.setup(context)
                 results.update(reward_metrics(rewards, tokenizer, prompts, replies, max_new_tokens))
+        if "kl" in wanted:
+            results.update(
+                kl_metrics(
+                    model,
+                    _reference_model(reference, tokenizer).to(device),
+                    tokenizer,
+                    prompts,
+                    temperature=temperature,
+                    seed=seed,
+                    progress=progress,
+                    **common,
+                )
+            )
         if "generation" in wanted:
             results.update(
                 generation_metrics(
@@ -158,6 +199,22 @@ def evaluate_checkpoint(
             results.update(measure_speed(model, prompts[0].ids, **common))
     ordered = {name: results[name] for name in METRIC_NAMES if name in results}
     return {**ordered, **{k: v for k, v in results.items() if k not in ordered}}
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+def _reference_model(reference: str | Path | Checkpoint, tokenizer: Tokenizer) -> LM:
+    """The reference of the ``kl`` group; it must share the evaluated model's tokenizer."""
+    if not isinstance(reference, Checkpoint):
+        reference = resolve_checkpoint(reference, log=_stderr)
+    if reference.meta.get("tokenizer_hash") != tokenizer.hash:
+        raise CheckpointError(
+            f"eval.kl_reference={reference.path} has another tokenizer than the evaluated "
+            "checkpoint: KL compares distributions over the same tokens"
+        )
+    return reference.build_model()
 
 
 def heldout_data(

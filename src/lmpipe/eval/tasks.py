@@ -66,6 +66,9 @@ def reward_metrics(
             truncated=len(reply) >= max_new_tokens,
             max_tokens=max_new_tokens,
             reference=prompt.reference,
+            prompt_ids=tuple(prompt.ids),
+            # A reply that stopped ended at the end of its turn (the stop token is cut).
+            ids=tuple(reply if len(reply) >= max_new_tokens else [*reply, tokenizer.turn_end_id]),
         )
         for prompt, reply in zip(prompts, replies, strict=True)
         if prompt.reference is not None or not needs_reference

@@ -25,11 +25,11 @@ class ARLM(LM):
         # One more token than the context, so every input position has a target.
         return block_size + 1
 
-    def _target_logits(self, batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
-        """Logits at the positions that predict a target token, those positions as a
-        (B, L-1) mask of the shifted grid, and the (B, L-1) targets. The LM head and the
-        log-softmax over the vocabulary run there only: prompts and padding are often half
-        of an SFT, DPO or RL row."""
+    def _target_hidden(self, batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
+        """Final hidden states at the positions that predict a target token (N, d), those
+        positions as a (B, L-1) mask of the shifted grid, and the (B, L-1) targets. The LM
+        head and the log-softmax over the vocabulary run there only: prompts and padding
+        are often half of an SFT, DPO or RL row."""
         ids = batch.input_ids
         segments = batch.segment_ids[:, :-1] if batch.segment_ids is not None else None
         hidden = self.backbone.hidden_states(
@@ -38,10 +38,11 @@ class ARLM(LM):
         mask = batch.loss_mask[:, 1:] > 0
         if batch.segment_ids is not None:  # a segment's first token has no context in it
             mask &= batch.segment_ids[:, 1:] == batch.segment_ids[:, :-1]
-        return self.backbone.lm_head(hidden[mask]), mask, ids[:, 1:]
+        return hidden[mask], mask, ids[:, 1:]
 
     def score(self, batch: Batch, *, generator: torch.Generator | None = None) -> TokenScores:
-        logits, mask, targets = self._target_logits(batch)
+        hidden, mask, targets = self._target_hidden(batch)
+        logits = self.lm_logits(hidden)
         picked = mask.nonzero(as_tuple=True)
         picked_nll = F.cross_entropy(logits.float(), targets[picked], reduction="none")
         nll = picked_nll.new_zeros(targets.shape).index_put(picked, picked_nll)
@@ -54,15 +55,15 @@ class ARLM(LM):
             scored_mask=F.pad(mask, (1, 0)),
         )
 
-    def token_logps(self, batch: Batch, *, temperature: float = 1.0) -> TokenLogps:
-        """Exact: log-softmax of the logits / temperature at each target token."""
-        logits, mask, targets = self._target_logits(batch)
-        found = self.log_softmax_at(logits, targets[mask], temperature)
-
-        def placed(values: Tensor) -> Tensor:  # (N,) at the target positions of (B, L)
-            return F.pad(values.new_zeros(targets.shape).masked_scatter(mask, values), (1, 0))
-
-        return TokenLogps(placed(found.logps), placed(found.entropy))
+    def token_logps(
+        self, batch: Batch, *, temperature: float = 1.0, with_features: bool = False
+    ) -> TokenLogps:
+        """Exact: log-softmax of the logits / temperature at each target token; the
+        features of token t are the hidden state at t - 1, which predicted it."""
+        hidden, mask, targets = self._target_hidden(batch)
+        found = self.logps_at(hidden, targets[mask], temperature, with_features)
+        # Token 0 has no context, so it is never a target: the first column stays empty.
+        return self.placed(found, F.pad(mask, (1, 0)))
 
     @torch.no_grad()
     def stream(
@@ -81,39 +82,56 @@ class ARLM(LM):
         """Yield the next token of every row, (B,), one step at a time.
 
         Rows that produced ``eos_id`` keep yielding it; the stream stops when all rows
-        have. When the context fills the model's block, the cache is rebuilt from the
-        last half of the context (the uncached path crops to the last block, as nanoGPT).
-        ``left_pad``: prompts of different lengths, left-padded.
+        have. Once a quarter of the rows still computed have finished, they leave the
+        batch (and the KV cache): a batch of replies of different lengths costs about the
+        sum of their lengths, not rows x the longest. When the context fills the model's
+        block, the cache is rebuilt from the last half of the context (the uncached path
+        crops to the last block, as nanoGPT). ``left_pad``: prompts of different lengths,
+        left-padded.
         """
         block = self.config.block_size
         seq = prompt_ids
-        done = torch.zeros(seq.shape[0], dtype=torch.bool, device=seq.device)
+        rows = seq.shape[0]
+        done = torch.zeros(rows, dtype=torch.bool, device=seq.device)
+        active = torch.arange(rows, device=seq.device)  # the rows still computed
         cache = pad = None
         for _ in range(max_new_tokens):
+            live_pad = None if left_pad is None else left_pad[active]
             if not use_cache:
-                context, pad = _last(seq, block, left_pad)
+                context, pad = _last(seq[active], block, live_pad)
                 logits = self.backbone(context, causal=True, left_pad=pad)[:, -1]
+            elif cache is None or cache.length >= cache.capacity:
+                live = seq[active]
+                cache = KVCache(self.config, live.shape[1] + max_new_tokens)
+                keep = block // 2 if live.shape[1] >= block else block
+                context, pad = _last(live, keep, live_pad)
+                logits = self.backbone(context, causal=True, cache=cache, left_pad=pad)[:, -1]
             else:
-                if cache is None or cache.length >= cache.capacity:
-                    cache = KVCache(self.config, seq.shape[1] + max_new_tokens)
-                    context, pad = _last(
-                        seq, block // 2 if seq.shape[1] >= block else block, left_pad
-                    )
-                    logits = self.backbone(context, causal=True, cache=cache, left_pad=pad)[:, -1]
-                else:
-                    logits = self.backbone(seq[:, -1:], causal=True, cache=cache, left_pad=pad)[
-                        :, -1
-                    ]
-            token = sample_from_logits(
+                last = seq[active, -1:]
+                logits = self.backbone(last, causal=True, cache=cache, left_pad=pad)[:, -1]
+            sampled = sample_from_logits(
                 logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator
             )
-            if eos_id is not None:
-                token = torch.where(done, torch.full_like(token, eos_id), token)
-                done |= token == eos_id
+            if eos_id is None:
+                token = sampled
+            else:  # a finished row still computed repeats EOS, as do the rows gone
+                sampled = sampled.masked_fill(done[active], eos_id)
+                done[active] = sampled == eos_id
+                token = torch.full_like(done, eos_id, dtype=sampled.dtype)
+                token[active] = sampled
             seq = torch.cat([seq, token[:, None]], dim=1)
             yield token
-            if eos_id is not None and bool(done.all()):
+            if eos_id is None:
+                continue
+            if bool(done.all()):
                 return
+            finished = done[active]
+            if 4 * int(finished.sum()) >= len(active):
+                active = active[~finished]
+                if cache is not None:
+                    cache.keep_rows(~finished)
+                if pad is not None:
+                    pad = pad[~finished]
 
     @torch.no_grad()
     def generate(

@@ -4,8 +4,10 @@ Objectives and the Trainer see only this interface, so a new architecture plugs 
 every stage without touching them. ``forward`` is the one call that wrappers (DDP, FSDP,
 ``torch.compile``) see, so every training-time computation goes through it and is named
 by ``output``: ``"scores"`` (per-token NLL or NELBO share: pre-training, SFT, DPO),
-``"logps"`` (per-token log-probabilities at a temperature: RL) or ``"features"`` (final
-hidden states: reward and value heads). ``token_nll`` is the DESIGN-level shorthand.
+``"logps"`` (per-token log-probabilities at a temperature: RL; with ``with_features`` also
+the hidden states they were predicted from, for a value head in the same pass) or
+``"features"`` (final hidden states: reward heads). ``token_nll`` is the DESIGN-level
+shorthand.
 """
 
 from __future__ import annotations
@@ -37,6 +39,9 @@ class TokenLogps:
 
     logps: Tensor  # log p(token) at the temperature, where loss_mask is 1; zero elsewhere
     entropy: Tensor  # entropy of the predicted distribution there (detached, for logging)
+    # (B, L, d_model) with ``with_features``: the final hidden state each target token was
+    # predicted from (what a value head reads: the state before the token is chosen).
+    features: Tensor | None = None
 
 
 OUTPUTS = ("scores", "logps", "features")
@@ -47,7 +52,7 @@ class LM(nn.Module):
     exact_likelihood: ClassVar[bool]
     causal: ClassVar[bool]  # a position sees only the tokens before it (AR)
     # SFT: pad after a response with EOS (with loss) so the model learns where to stop
-    # (LLaDA); the data samplers read this flag.
+    # (LLaDA); the data samplers read this flag through ``pad_target``.
     pads_with_eos: ClassVar[bool] = False
     streams: ClassVar[bool] = False  # ``stream`` yields tokens one at a time (KV cache)
 
@@ -67,13 +72,14 @@ class LM(nn.Module):
         output: str = "scores",
         generator: torch.Generator | None = None,
         temperature: float = 1.0,
+        with_features: bool = False,
     ) -> TokenScores | TokenLogps | Tensor:
-        """``score(batch, generator)``, ``token_logps(batch, temperature)`` or
-        ``features(batch)``, as ``output`` names it."""
+        """``score(batch, generator)``, ``token_logps(batch, temperature, with_features)``
+        or ``features(batch)``, as ``output`` names it."""
         if output == "scores":
             return self.score(batch, generator=generator)
         if output == "logps":
-            return self.token_logps(batch, temperature=temperature)
+            return self.token_logps(batch, temperature=temperature, with_features=with_features)
         if output == "features":
             return self.features(batch)
         raise ValueError(f"output={output!r} is not one of {', '.join(OUTPUTS)}")
@@ -86,11 +92,14 @@ class LM(nn.Module):
         """(B, L) per-token NLL (or NELBO share), zero where ``batch.loss_mask`` is 0."""
         return self(batch, generator=generator).nll
 
-    def token_logps(self, batch: Batch, *, temperature: float = 1.0) -> TokenLogps:
+    def token_logps(
+        self, batch: Batch, *, temperature: float = 1.0, with_features: bool = False
+    ) -> TokenLogps:
         """Log-probabilities of the loss-mask tokens under the logits divided by
         ``temperature`` (as sampling draws them): exact for AR, an estimate for an
         architecture without a tractable likelihood. Noise, if any, comes from
-        ``batch.noise_seeds`` (one seed per row) so that two calls on the same rows agree."""
+        ``batch.noise_seeds`` (one seed per row) so that two calls on the same rows agree.
+        ``with_features``: also the hidden states the predictions came from."""
         raise NotImplementedError
 
     def features(self, batch: Batch) -> Tensor:
@@ -116,6 +125,19 @@ class LM(nn.Module):
         different lengths are left-padded, ``left_pad`` (B,) counting the padding."""
         raise NotImplementedError
 
+    @classmethod
+    def pad_target(cls) -> str | None:
+        """The special token (by name) that pads SFT rows after a response as a trained
+        target, so that the model learns where to stop; None: PAD, never a target."""
+        return "eos" if cls.pads_with_eos else None
+
+    def on_train_step(self) -> dict[str, float]:
+        """Called by the Trainer once before every optimizer step. An architecture whose
+        training follows a schedule of its own (SDD's k-curriculum) advances it here,
+        keeping its position in a buffer so that checkpoints carry it, and returns
+        metrics to log with the step (``{"k": 4}`` -> ``train/k``). Default: nothing."""
+        return {}
+
     def arch_options(self) -> dict:
         """Constructor arguments beyond the backbone config (saved with checkpoints).
         Subclasses with knobs of their own extend this dict."""
@@ -140,14 +162,34 @@ class LM(nn.Module):
         }
 
     # --- shared helpers -----------------------------------------------------------
-    @staticmethod
-    def log_softmax_at(logits: Tensor, targets: Tensor, temperature: float) -> TokenLogps:
-        """(N, V) logits and (N,) targets -> (N,) log-probabilities of the targets at
-        ``temperature`` and the (detached) entropies, in float32."""
-        logp = (logits.float() / temperature).log_softmax(dim=-1)
+    def logps_at(
+        self, hidden: Tensor, targets: Tensor, temperature: float, with_features: bool
+    ) -> TokenLogps:
+        """(N, d) hidden states and (N,) target ids -> (N,) log-probabilities of the targets
+        at ``temperature``, the (detached) entropies, in float32, and the hidden states as
+        features if asked for. An architecture may constrain the logits (``lm_logits``)."""
+        logp = (self.lm_logits(hidden).float() / temperature).log_softmax(dim=-1)
         with torch.no_grad():
             entropy = -(logp.exp() * logp).sum(dim=-1)
-        return TokenLogps(logp.gather(-1, targets[:, None]).squeeze(-1), entropy)
+        picked = logp.gather(-1, targets[:, None]).squeeze(-1)
+        return TokenLogps(picked, entropy, hidden if with_features else None)
+
+    def lm_logits(self, hidden: Tensor) -> Tensor:
+        """Logits of final hidden states."""
+        return self.backbone.lm_head(hidden)
+
+    @staticmethod
+    def placed(found: TokenLogps, mask: Tensor) -> TokenLogps:
+        """Values at the (B, L) ``mask``'s positions (in row-major order) -> (B, L, ...)
+        tensors, zero elsewhere."""
+
+        def place(values: Tensor | None) -> Tensor | None:
+            if values is None:
+                return None
+            out = values.new_zeros((*mask.shape, *values.shape[1:]))
+            return out.index_put(mask.nonzero(as_tuple=True), values)
+
+        return TokenLogps(place(found.logps), place(found.entropy), place(found.features))
 
     @staticmethod
     def row_length(block_size: int) -> int:

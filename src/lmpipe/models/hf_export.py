@@ -1,5 +1,7 @@
 """Export an AR model to HF ``transformers``: the same weights in LlamaForCausalLM or
-GPT2LMHeadModel, so that its numbers can be checked against (and served by) HF code.
+GPT2LMHeadModel, so that its numbers can be checked against (and served by) HF code; a
+reward model (its scalar head) in LlamaForSequenceClassification or
+GPT2ForSequenceClassification.
 
 The backbone's rmsnorm/rope/swiglu layout is Llama's and its layernorm/learned/gelu layout
 is GPT-2's (exact erf GELU, not GPT-2's default tanh approximation). lmpipe fuses the
@@ -13,7 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from lmpipe.data.tokenizer import Tokenizer
 from lmpipe.errors import ConfigError
@@ -83,6 +85,24 @@ def to_hf(model: LM):
     hf.load_state_dict({k: v.detach().float().clone() for k, v in weights.items()}, strict=True)
     if config.tie_embeddings:
         hf.tie_weights()
+    return hf.eval()
+
+
+def to_hf_reward_model(model: LM, head: nn.Linear):
+    """A ``transformers`` ...ForSequenceClassification with one label (float32, eval mode)
+    computing the reward model's score: ``to_hf(model)``'s backbone and ``head`` as its
+    ``score``. HF scores each row at its last non-padding token; lmpipe at the last
+    response token: the same position for a reply without padding after it."""
+    from transformers import AutoModelForSequenceClassification
+
+    causal = to_hf(model)
+    config = causal.config
+    config.num_labels = 1
+    hf = AutoModelForSequenceClassification.from_config(config)
+    prefix = causal.base_model_prefix  # "model" (Llama) or "transformer" (GPT-2)
+    getattr(hf, prefix).load_state_dict(getattr(causal, prefix).state_dict(), strict=True)
+    with torch.no_grad():
+        hf.score.weight.copy_(head.weight.detach().float())
     return hf.eval()
 
 
@@ -161,14 +181,20 @@ def _gpt2_weights(model: LM) -> dict[str, Tensor]:
     return out
 
 
-def export(model: LM, tokenizer: Tokenizer, directory: str | Path) -> Path:
+def export(
+    model: LM, tokenizer: Tokenizer, directory: str | Path, head: nn.Linear | None = None
+) -> Path:
     """Save ``to_hf(model)`` and the tokenizer into ``directory`` so that
     ``AutoModelForCausalLM.from_pretrained`` and ``AutoTokenizer.from_pretrained`` load it.
-    A chat reply ends at the chat template's turn end, so generation stops at it too."""
+    A chat reply ends at the chat template's turn end, so generation stops at it too. With a
+    reward ``head``: ``to_hf_reward_model`` (``AutoModelForSequenceClassification``)."""
     directory = Path(directory)
-    hf = to_hf(model)
-    hf.generation_config.eos_token_id = [tokenizer.eos_id, tokenizer.turn_end_id]
-    hf.generation_config.pad_token_id = tokenizer.pad_id
+    if head is not None:
+        hf = to_hf_reward_model(model, head)
+    else:
+        hf = to_hf(model)
+        hf.generation_config.eos_token_id = [tokenizer.eos_id, tokenizer.turn_end_id]
+        hf.generation_config.pad_token_id = tokenizer.pad_id
     hf.save_pretrained(directory)
     tokenizer.save(directory)
     return directory

@@ -141,6 +141,11 @@ class KVCache:
         self.v: Tensor | None = None
         self.length = 0  # positions filled
 
+    def keep_rows(self, rows: Tensor) -> None:
+        """Drop the batch rows where ``rows`` (a bool mask) is False."""
+        if self.k is not None:
+            self.k, self.v = self.k[:, rows], self.v[:, rows]
+
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         if self.k is None:
             c = self.config
@@ -297,6 +302,7 @@ class Transformer(nn.Module):
         cache: KVCache | None = None,
         segment_ids: Tensor | None = None,
         left_pad: Tensor | None = None,
+        embeds: Tensor | None = None,
     ) -> Tensor:
         """Final-norm hidden states (B, T, d_model).
 
@@ -305,6 +311,8 @@ class Transformer(nn.Module):
         row computes exactly what its segments would compute one by one. ``left_pad`` (B,)
         counts the padding tokens at the start of each row (of the whole sequence, cached
         part included): they are never attended to, and positions start after them.
+        ``embeds`` (B, T, d_model), when given, is the input in place of the embeddings of
+        ``idx`` (SDD mixes the embeddings of candidate tokens).
         """
         start = cache.length if cache is not None else 0
         T = idx.shape[1]
@@ -325,7 +333,7 @@ class Transformer(nn.Module):
                 dtype = torch.get_autocast_dtype(idx.device.type)
             attn_mask = padding_mask(left_pad, start, T, causal, dtype)
             positions = (positions - left_pad[:, None]).clamp(min=0)
-        x = self.tok_emb(idx)
+        x = self.tok_emb(idx) if embeds is None else embeds
         rope = None
         if self.pos_emb is not None:
             x = x + self.pos_emb(positions)
@@ -350,10 +358,16 @@ class Transformer(nn.Module):
         cache: KVCache | None = None,
         segment_ids: Tensor | None = None,
         left_pad: Tensor | None = None,
+        embeds: Tensor | None = None,
     ) -> Tensor:
         """Logits of shape (B, T, vocab_size)."""
         return self.lm_head(
             self.hidden_states(
-                idx, causal=causal, cache=cache, segment_ids=segment_ids, left_pad=left_pad
+                idx,
+                causal=causal,
+                cache=cache,
+                segment_ids=segment_ids,
+                left_pad=left_pad,
+                embeds=embeds,
             )
         )

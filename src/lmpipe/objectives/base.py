@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar, Protocol
 
 import torch
@@ -23,6 +24,7 @@ from torch import Tensor, nn
 
 from lmpipe.batch import Batch
 from lmpipe.errors import ConfigError
+from lmpipe.objectives.rewards import RewardContext
 
 if TYPE_CHECKING:
     from lmpipe.data.tokenizer import Tokenizer
@@ -44,6 +46,19 @@ class Examples(Protocol):
         ...
 
 
+class SavedCheckpoint(Protocol):
+    """A checkpoint as objectives and rewards read one (e.g. a reward model's)."""
+
+    path: Path
+    meta: dict  # architecture, tokenizer_hash, stage, ...
+
+    def build_model(self) -> LM: ...
+
+    def module_states(self) -> dict[str, dict[str, Tensor]]:
+        """The objective-owned modules' weights by module name (a reward head)."""
+        ...
+
+
 @dataclass
 class ObjectiveContext:
     """What an objective may know of its run."""
@@ -61,6 +76,18 @@ class ObjectiveContext:
     starting_model: Callable[[], LM] | None = None
     # The starting checkpoint's objective-owned modules by name (e.g. a reward model's head).
     starting_modules: Callable[[], dict[str, dict[str, Tensor]]] | None = None
+    # Opens a checkpoint or run directory (its newest checkpoint), verified.
+    open_checkpoint: Callable[[str], SavedCheckpoint] | None = None
+
+    def reward_context(self) -> RewardContext:
+        """What the stage's rewards need (a reward model loads on ``device``)."""
+        return RewardContext(
+            tokenizer=self.tokenizer,
+            device=self.device,
+            open_checkpoint=self.open_checkpoint,
+            batch_size=self.micro_batch_size,
+            autocast=self.autocast,
+        )
 
 
 class Objective:

@@ -25,20 +25,24 @@ the same for pi, pi_old and the reference within an iteration and new at each it
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
-from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from lmpipe.batch import Batch, PromptBatch
-from lmpipe.errors import ConfigError
-from lmpipe.models import LM
 from lmpipe.models.base import unwrap
-from lmpipe.objectives.base import Metrics, Objective, ObjectiveContext
+from lmpipe.objectives.base import Metrics, ObjectiveContext
+from lmpipe.objectives.policy import (
+    PolicyObjective,
+    check_options,
+    int_at_least,
+    non_negative,
+    positive,
+)
 from lmpipe.objectives.rewards import Reward, score
-from lmpipe.objectives.rollouts import Rollout, Sampled, sample
+from lmpipe.objectives.rl import clipped_surrogate, kl_k3
+from lmpipe.objectives.rollouts import Rollout, Sampled
 
 LOSS_TYPES = ("grpo", "dr_grpo", "dapo")
 SCALE_REWARDS = ("group", "batch", "none")
@@ -59,51 +63,25 @@ def group_advantages(rewards: Tensor, group: int, scale: str) -> Tensor:
 
 
 def token_weights(mask: Tensor, loss_type: str, max_tokens: int) -> Tensor:
-    """(N,) weights such that the update's loss is the mean over rows of (sum of the row's
-    token losses) x weight: the three aggregations as per-row weights, so that any split
-    into micro-batches gives the same loss."""
-    tokens = mask.sum(dim=1)
-    if loss_type == "grpo":
-        return torch.where(tokens > 0, 1.0 / tokens.clamp(min=1), 0.0)
-    if loss_type == "dr_grpo":
-        return torch.full_like(tokens, 1.0 / max_tokens)
-    return torch.full_like(tokens, len(mask) / max(float(tokens.sum()), 1.0))
+    """(N, L) weights of the completion tokens such that the update's loss is the sum of
+    token losses x weights: the three aggregations as weights, so that the loss does not
+    depend on how the tokens are laid out in rows or split into micro-batches."""
+    tokens = mask.sum(dim=1, keepdim=True)
+    if loss_type == "grpo":  # each completion's mean, then the mean over completions
+        per_row = torch.where(tokens > 0, 1.0 / tokens.clamp(min=1), 0.0) / len(mask)
+    elif loss_type == "dr_grpo":
+        per_row = torch.full_like(tokens, 1.0 / (len(mask) * max_tokens))
+    else:
+        per_row = torch.full_like(tokens, 1.0 / max(float(tokens.sum()), 1.0))
+    return per_row * mask
 
 
-def clipped_surrogate(
-    logps: Tensor, old_logps: Tensor, advantages: Tensor, low: float, high: float
-) -> tuple[Tensor, Tensor]:
-    """Per-token -min(ratio * A, clip(ratio) * A) and whether the clipped branch won."""
-    ratio = torch.exp(logps - old_logps)
-    advantages = advantages[:, None]
-    unclipped = ratio * advantages
-    clipped = ratio.clamp(1 - low, 1 + high) * advantages
-    return -torch.minimum(unclipped, clipped), clipped < unclipped
-
-
-def kl_k3(logps: Tensor, ref_logps: Tensor) -> Tensor:
-    """Schulman's k3 estimate of KL(pi || ref) per token: unbiased and >= 0."""
-    delta = ref_logps - logps
-    return torch.exp(delta) - delta - 1
-
-
-def _int_at_least(low: int):
-    return lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= low
-
-
-def _positive(value) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and 0 < value < math.inf
-
-
-class GRPO(Objective):
+class GRPO(PolicyObjective):
     name = "grpo"
-    data_formats: ClassVar[frozenset[str]] = frozenset({"prompt"})
-    sampler_kinds: ClassVar[frozenset[str]] = frozenset({"prompts"})
-    train_mode: ClassVar[bool] = False
 
     def __init__(
         self,
-        rewards: dict[str, Reward],
+        rewards: dict[str, Reward] | None,
         num_generations: int,
         max_completion_length: int,
         temperature: float,
@@ -116,115 +94,67 @@ class GRPO(Objective):
         mask_truncated_completions: bool,
     ):
         epsilon_high = epsilon if epsilon_high is None else epsilon_high
-        checks = (
-            ("num_generations", num_generations, _int_at_least(2), "an integer >= 2 (a group)"),
-            ("max_completion_length", max_completion_length, _int_at_least(1), "an integer >= 1"),
-            ("num_iterations", num_iterations, _int_at_least(1), "an integer >= 1"),
-            ("temperature", temperature, _positive, "a number > 0"),
-            ("epsilon", epsilon, _positive, "a number > 0"),
-            ("epsilon_high", epsilon_high, _positive, "a number > 0"),
-            ("beta", beta, lambda v: v == 0 or _positive(v), "a number >= 0"),
-            ("loss_type", loss_type, LOSS_TYPES.__contains__, f"one of {', '.join(LOSS_TYPES)}"),
+        check_options(
             (
-                "scale_rewards",
-                scale_rewards,
-                SCALE_REWARDS.__contains__,
-                f"one of {', '.join(SCALE_REWARDS)}",
-            ),
+                ("num_generations", num_generations, int_at_least(2), "an integer >= 2 (a group)"),
+                ("num_iterations", num_iterations, int_at_least(1), "an integer >= 1"),
+                ("epsilon", epsilon, positive, "a number > 0"),
+                ("epsilon_high", epsilon_high, positive, "a number > 0"),
+                ("beta", beta, non_negative, "a number >= 0"),
+                (
+                    "loss_type",
+                    loss_type,
+                    LOSS_TYPES.__contains__,
+                    f"one of {', '.join(LOSS_TYPES)}",
+                ),
+                (
+                    "scale_rewards",
+                    scale_rewards,
+                    SCALE_REWARDS.__contains__,
+                    f"one of {', '.join(SCALE_REWARDS)}",
+                ),
+            )
         )
-        for key, value, ok, what in checks:
-            if not ok(value):
-                raise ConfigError(f"objective.{key}={value!r} must be {what}")
-        if not rewards:
-            raise ConfigError("stage grpo needs a reward: pass e.g. reward=[answer_match,format]")
-        self.rewards = dict(rewards)
+        super().__init__(rewards, max_completion_length, temperature)
         self.num_generations = num_generations
-        self.max_completion_length = max_completion_length
-        self.temperature = float(temperature)
         self.epsilon, self.epsilon_high = float(epsilon), float(epsilon_high)
         self.beta = float(beta)
         self.num_iterations = num_iterations
         self.loss_type = loss_type
         self.scale_rewards = scale_rewards
         self.mask_truncated_completions = mask_truncated_completions
-        self.reference: LM | None = None
 
-    # --- setup --------------------------------------------------------------------
     def setup(self, ctx: ObjectiveContext) -> None:
         super().setup(ctx)
-        tokenizer = ctx.tokenizer
-        self.stop_ids = (tokenizer.turn_end_id, tokenizer.eos_id)
-        prompts = list(ctx.examples.every_example(256))
-        longest = max(batch.input_ids.shape[1] for batch in prompts)
-        block = ctx.model.config.block_size
-        if longest + self.max_completion_length > block:
-            raise ConfigError(
-                f"objective.max_completion_length={self.max_completion_length} does not fit: "
-                f"the longest prompt ({longest} tokens) + the completion exceed the model's "
-                f"block of {block} tokens (lower it, or sampler.max_prompt_tokens)"
-            )
-        needs = [name for name, reward in self.rewards.items() if reward.needs_reference]
-        missing = sum(r is None for batch in prompts for r in batch.references)
-        if needs and missing:
-            total = sum(len(batch) for batch in prompts)
-            raise ConfigError(
-                f"reward {needs[0]} needs each prompt's answer, but {missing} of the {total} "
-                "training prompts have none"
-            )
         if self.beta > 0:
-            if ctx.starting_model is None:
-                raise ConfigError("objective.beta > 0 needs init_from (the reference model)")
-            self.reference = ctx.starting_model()
+            self.reference = self.frozen_reference("objective.beta > 0")
 
     # --- rollouts -----------------------------------------------------------------
-    def _sample(self, model: LM, prompts: PromptBatch, copies: int, temperature: float) -> Sampled:
-        with self.ctx.autocast():
-            return sample(
-                model,
-                prompts,
-                copies=copies,
-                max_tokens=self.max_completion_length,
-                temperature=temperature,
-                stop_ids=self.stop_ids,
-                decode=self.ctx.tokenizer.decode,
-                device=self.ctx.device,
-            )
-
-    @torch.no_grad()
-    def _logps(self, model: nn.Module, batch: Rollout) -> Tensor:
-        """Log-probs of every completion token, computed in micro-batches, on the CPU."""
-        chunks = []
-        for micro in batch.split(self.ctx.micro_batch_size):
-            with self.ctx.autocast():
-                out = model(micro.to(self.ctx.device), output="logps", temperature=self.temperature)
-            chunks.append(out.logps.float().cpu())
-        return torch.cat(chunks)
-
     def prepare(self, model: nn.Module, batch: PromptBatch) -> Iterator[Batch]:
         """One rollout of the step's prompts, then ``num_iterations`` updates on it."""
-        sampled = self._sample(unwrap(model), batch, self.num_generations, self.temperature)
-        rollout = sampled.batch
+        sampled = self.sample(unwrap(model), batch, self.num_generations, self.temperature)
         totals, each = score(self.rewards, sampled.completions)
         rewards = torch.tensor(totals)
         advantages = group_advantages(rewards, self.num_generations, self.scale_rewards)
-        mask = rollout.loss_mask
+        mask = sampled.loss_mask
         if self.mask_truncated_completions:
             mask = mask * (~sampled.truncated).float()[:, None]
-        rollout = rollout.with_fields(
-            loss_mask=mask,
-            advantages=advantages,
+        rollout = sampled.batch(
+            self.ctx.model.config.block_size,
+            mask,
+            advantages=advantages[:, None].expand_as(mask),
             token_weights=token_weights(mask, self.loss_type, self.max_completion_length),
-            metrics=self._rollout_metrics(sampled, rewards, each),
         )
+        rollout.metrics = self._rollout_metrics(sampled, rewards, each)
         updates = []
         for iteration in range(self.num_iterations):
             # New masks (diffusion) at every iteration, the same for pi, pi_old and ref.
             seeds = torch.randint(0, 2**62, (len(rollout),))
             update = rollout.with_fields(noise_seeds=seeds)
             if self.num_iterations > 1:  # pi_old: the policy that sampled, before any update
-                update.old_logps = self._logps(model, update)
+                update.old_logps = self.token_logps(model, update)[0].logps
             if self.reference is not None:
-                update.ref_token_logps = self._logps(self.reference, update)
+                update.ref_token_logps = self.token_logps(self.reference, update)[0].logps
             if iteration:
                 update.metrics = None
             updates.append(update)
@@ -238,9 +168,7 @@ class GRPO(Objective):
             "rewards/mean": float(rewards.mean()),
             "rewards/std": float(rewards.std()) if len(rewards) > 1 else 0.0,
             "rewards/group_std": float(grouped.std(dim=1).mean()),
-            **{f"rewards/{name}": sum(v) / len(v) for name, v in each.items()},
-            "completions/mean_length": float(sampled.lengths.mean()),
-            "completions/truncated_fraction": float(sampled.truncated.float().mean()),
+            **self.rollout_metrics(sampled, each),
         }
 
     # --- the loss -----------------------------------------------------------------
@@ -257,29 +185,10 @@ class GRPO(Objective):
             kl = kl_k3(logps, batch.ref_token_logps)
             per_token = per_token + self.beta * kl
             metrics["kl"] = ((kl * mask).sum() / active).detach()
-        loss = ((per_token * mask).sum(dim=1) * batch.token_weights).mean()
+        loss = (per_token * batch.token_weights).sum(dim=1).mean()
         return loss, {
             "loss": loss.detach(),
             **metrics,
             "clip_fraction": ((clipped.float() * mask).sum() / active).detach(),
             "weight": mask.sum(),
         }
-
-    # --- held-out prompts -----------------------------------------------------------
-    @torch.no_grad()
-    def evaluate(self, model: LM, batches: list[Batch]) -> Iterator[Metrics]:
-        """Rewards of one sampled (at the training temperature) and one greedy completion
-        of every held-out prompt: ``rewards/*`` and ``greedy/rewards/*``."""
-        for prompts in batches:
-            metrics: Metrics = {"weight": float(len(prompts))}
-            for prefix, temperature in (("", self.temperature), ("greedy/", 0.0)):
-                sampled = self._sample(model, prompts, 1, temperature)
-                totals, each = score(self.rewards, sampled.completions)
-                metrics[f"{prefix}rewards/mean"] = sum(totals) / len(totals)
-                for name, values in each.items():
-                    metrics[f"{prefix}rewards/{name}"] = sum(values) / len(values)
-                metrics[f"{prefix}completions/mean_length"] = float(sampled.lengths.mean())
-                metrics[f"{prefix}completions/truncated_fraction"] = float(
-                    sampled.truncated.float().mean()
-                )
-            yield metrics

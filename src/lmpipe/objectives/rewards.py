@@ -2,24 +2,34 @@
 
 A reward scores completed replies, one float each. ``conf/reward/<name>.yaml`` makes one
 available by name (``reward=[answer_match,format]``); the stage's total reward is the
-weighted sum, and each one is logged as ``rewards/<name>``.
+weighted sum, and each one is logged as ``rewards/<name>``. A reward that needs more than
+the reply's text (a reward model: weights, a device, the tokenizer) gets them in
+``setup(RewardContext)`` before it first scores.
 
 - ``AnswerMatch``: 1 if the reply's final answer equals the prompt's answer (extracted as
   the evaluator does: GSM8K's ``#### n``, "The answer is n", ...), else 0;
 - ``Format``: 1 if the reply states its answer in the expected form (a regex), else 0;
 - ``LengthPenalty``: DAPO's soft overlong punishment -- 0 up to ``max_tokens - buffer``
-  tokens, falling linearly to -1 at ``max_tokens``, and -1 for a reply cut off there.
+  tokens, falling linearly to -1 at ``max_tokens``, and -1 for a reply cut off there;
+- ``reward_model.LearnedReward``: the score of a trained reward model (``stage=rm``).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import ClassVar
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
 
 from lmpipe.errors import ConfigError
 from lmpipe.eval.answers import answers_match, extract_answer
+
+if TYPE_CHECKING:
+    from lmpipe.data.tokenizer import Tokenizer
+    from lmpipe.objectives.base import SavedCheckpoint
 
 
 @dataclass(frozen=True)
@@ -31,6 +41,20 @@ class Completion:
     truncated: bool  # cut off at max_tokens before it stopped
     max_tokens: int  # the completion budget
     reference: str | None  # the prompt's answer, if it has one
+    prompt_ids: tuple[int, ...] = ()  # the prompt's tokens (no padding)
+    ids: tuple[int, ...] = ()  # the reply's tokens, its stop token included when it stopped
+
+
+@dataclass
+class RewardContext:
+    """What a reward may need besides the replies: the policy's tokenizer (a reward model
+    must share it), where to compute, and how to open a checkpoint."""
+
+    tokenizer: Tokenizer
+    device: torch.device
+    open_checkpoint: Callable[[str], SavedCheckpoint]
+    batch_size: int = 32  # replies per forward pass
+    autocast: Callable[[], AbstractContextManager] = field(default=nullcontext)
 
 
 class Reward:
@@ -43,6 +67,9 @@ class Reward:
         if not isinstance(weight, int | float) or isinstance(weight, bool):
             raise ConfigError(f"reward.{self.name}.weight={weight!r} must be a number")
         self.weight = float(weight)
+
+    def setup(self, ctx: RewardContext) -> None:
+        """Load what scoring needs (called before the first scoring; may be called again)."""
 
     def __call__(self, completions: Sequence[Completion]) -> list[float]:
         raise NotImplementedError

@@ -62,7 +62,9 @@ def _short_name(key: str) -> str:
 def format_metrics(metrics: dict[str, float]) -> str:
     parts = []
     for key, value in metrics.items():
-        if key.endswith("lr"):
+        if isinstance(value, int):  # a count, e.g. SDD's train/k
+            text = str(value)
+        elif key.endswith("lr"):
             text = f"{value:.2e}"
         elif key.endswith(("tokens_per_sec", "tokens")):
             text = f"{value:,.0f}"

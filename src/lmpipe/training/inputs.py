@@ -71,14 +71,15 @@ def build_inputs(
     options = EpisodeOptions.from_dict(sampler_cfg)
     docs = data.manifest["documents_per_record"]
     pad_id = data.tokenizer.pad_id
-    eos_id = data.tokenizer.eos_id if model.pads_with_eos else None
+    target = model.pad_target()
+    pad_target_id = data.tokenizer.special_id(target) if target else None
     train = Episodes(data.split("train"), docs, row_length, options.episode_min_tokens)
     sampler = EpisodeSampler(
         train,
         tcfg.batch_size,
         options,
         pad_id=pad_id,
-        eos_id=eos_id,
+        pad_target_id=pad_target_id,
         rank=env.rank,
         world_size=env.world_size,
     )
@@ -91,7 +92,7 @@ def build_inputs(
                 micro_examples,
                 tcfg.eval_batches,
                 pad_id=pad_id,
-                eos_id=eos_id,
+                pad_target_id=pad_target_id,
                 rank=env.rank,
                 world_size=env.world_size,
             )

@@ -13,13 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from lmpipe import __version__
 from lmpipe.batch import Batch
-from lmpipe.config import validate
+from lmpipe.config import instantiate, validate
 from lmpipe.data.prepare import PreparedData, prepare
 from lmpipe.data.tokenizer import Tokenizer
 from lmpipe.errors import CheckpointError, ConfigError
@@ -142,8 +141,9 @@ def build_run(cfg: DictConfig, run_dir: Path, hardware: Hardware, env: DistEnv) 
             val_sets=inputs.val_sets,
             micro_batch_size=micro,
             seed=cfg.seed,
-            starting_model=_frozen(init_from, hardware.device),
+            starting_model=_frozen(cfg, data, init_from, model_class.arch, hardware.device),
             starting_modules=init_from.module_states if init_from is not None else None,
+            open_checkpoint=lambda path: resolve_checkpoint(path, log=say),
         )
     )
     static_meta = {
@@ -298,13 +298,16 @@ def start(run: Run) -> Path:
     return run_dir
 
 
-def _frozen(checkpoint: Checkpoint | None, device: torch.device):
-    """A factory of the checkpoint's model, frozen on ``device`` (None without one)."""
+def _frozen(cfg: DictConfig, data: PreparedData, checkpoint: Checkpoint | None, arch: str, device):
+    """A factory of the checkpoint's model, frozen on ``device`` (None without one), built
+    as the policy is: the stage's architecture knobs (e.g. SDD's k) apply to both."""
     if checkpoint is None:
         return None
 
     def build() -> LM:
-        return checkpoint.build_model().to(device).requires_grad_(False)
+        model = _build_model(cfg, data, checkpoint, arch)
+        checkpoint.load_weights(model)
+        return model.to(device).eval().requires_grad_(False)
 
     return build
 

@@ -200,7 +200,9 @@ class Trainer:
                 group["lr"] = lr
             started = time.perf_counter()
             batch = self.sampler.batch(self.step)
+            model_metrics = self.model.on_train_step()  # the model's own schedule, if any
             metrics, step_tokens = self.train_step(batch)
+            metrics.update(model_metrics)
             step_tokens *= self.env.world_size
             self.step += 1
             self._log_episodes(batch)
