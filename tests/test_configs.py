@@ -108,6 +108,15 @@ def test_every_reward_instantiates(reward):
     assert list(rewards) == [reward]
 
 
+JUDGE_NEEDS = {"lm": ["judge.model=earlier/judge"], "rm": ["reward.rm.checkpoint=earlier/rm"]}
+
+
+@pytest.mark.parametrize("judge", options("judge"))
+def test_every_judge_instantiates(judge):
+    cfg = api.compose("label", [f"judge={judge}", *JUDGE_NEEDS.get(judge, [])])
+    assert instantiate(cfg.judge) is not None
+
+
 @pytest.mark.parametrize("experiment", options("experiment"))
 def test_every_experiment(experiment):
     check_stage(api.compose("train", [f"+experiment={experiment}"]))
