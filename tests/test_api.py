@@ -60,5 +60,16 @@ def test_evaluate_takes_the_eval_settings(chat_run, cache_dir):
     assert set(results) == {"val/loss", "val/perplexity", "val/perplexity_is_bound"}
     with pytest.raises(ConfigError, match="unknown setting"):
         api.evaluate(chat_run, samples=8)
+    # eval.kl_reference is the kl metric's reference: a model's KL to itself is 0.
+    kl = api.evaluate(
+        chat_run,
+        metrics=["kl"],
+        kl_reference=str(chat_run),
+        num_samples=4,
+        batch_size=4,
+        max_new_tokens=8,
+        cache_dir=cache_dir,
+    )
+    assert kl["kl/sequence"] == pytest.approx(0.0, abs=1e-5)
     runs = api.find_runs(chat_run.parent)
     assert [(r.name, r.state, r.step) for r in runs] == [(chat_run.name, "finished", 60)]

@@ -150,9 +150,14 @@ def evaluate(checkpoint: str | Path, *, data: str | None = None, **settings) -> 
     if unknown:
         raise ConfigError(f"evaluate: unknown setting(s) {unknown}; known: {sorted(options)}")
     options.update(settings)
+    reference = options.pop("kl_reference")  # the ``kl`` metric's reference checkpoint
     data_cfg = OmegaConf.to_container(cfg.data, resolve=True) if data else None
     return evaluate_checkpoint(
-        load_checkpoint(checkpoint), data_cfg=data_cfg, progress=False, **options
+        load_checkpoint(checkpoint),
+        data_cfg=data_cfg,
+        progress=False,
+        reference=reference,
+        **options,
     )
 
 
