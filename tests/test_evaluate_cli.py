@@ -57,8 +57,9 @@ def test_two_checkpoints_give_one_table_with_the_shared_names(lmpipe, run_dir, c
     names = ["base@10", "base@20"]
     assert list(saved["results"]) == names
     for name in names:
-        assert set(saved["results"][name]) == {  # text data: no task or reward metric
-            n for n in METRIC_NAMES if not n.startswith(("task/", "reward/"))
+        # Text data, no reward model, no KL reference: no task, reward, rm or kl metric.
+        assert set(saved["results"][name]) == {
+            n for n in METRIC_NAMES if not n.startswith(("task/", "reward/", "rm/", "kl/"))
         }
         assert saved["checkpoints"][name]["stage"] == "pretrain"
         assert saved["checkpoints"][name]["data"] == "demo"  # the run's own
