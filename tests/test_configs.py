@@ -3,6 +3,7 @@ on the meta device), so that a broken YAML fails here in seconds, not in a user'
 
 from __future__ import annotations
 
+from dataclasses import MISSING, fields
 from pathlib import Path
 
 import pytest
@@ -21,7 +22,8 @@ from lmpipe.tracking.logger import SINKS
 from lmpipe.training.hardware import resolve_hardware
 from lmpipe.training.optim import build_optimizer
 from lmpipe.training.run import trainer_config
-from lmpipe.training.schedule import build_schedule
+from lmpipe.training.schedule import LRSchedule, build_schedule
+from lmpipe.training.trainer import TrainerConfig
 
 from conftest import ROOT
 
@@ -147,3 +149,19 @@ def test_every_pipeline_stage_composes_and_builds(pipeline, arch):
 def test_every_entrypoint_config_composes(name):
     cfg = api.compose(name)
     OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
+
+
+def test_settings_have_one_source_of_defaults_conf():
+    """The trainer and schedule settings have no Python defaults that could differ from
+    ``conf/`` (log_interval 10 vs 25 once): a key missing from the config is an error."""
+    for cls in (TrainerConfig, LRSchedule):
+        defaulted = [
+            f.name
+            for f in fields(cls)
+            if f.default is not MISSING or f.default_factory is not MISSING
+        ]
+        assert not defaulted, (cls.__name__, defaulted)
+    trainer = _container(api.compose("train").trainer)
+    del trainer["log_interval"]
+    with pytest.raises(ConfigError, match="trainer.log_interval"):
+        TrainerConfig.from_dict(trainer)
