@@ -86,6 +86,7 @@ def test_every_data_mixture_is_valid(data):
     cfg = api.compose("train", [f"data={data}"])
     validate_mixture(_container(cfg.data))
     assert cfg.data.name == data  # the name a run directory and the cache entry carry
+    assert "phase" not in cfg.data  # a key nothing read (the stage says what a run is)
 
 
 @pytest.mark.parametrize("hardware", options("hardware"))
