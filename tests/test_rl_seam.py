@@ -150,3 +150,25 @@ def test_rows_that_finished_leave_the_batch_without_changing_the_others():
         assert together[row][:cut] == ids[:cut]
         assert set(together[row][cut:]) <= {eos}
     assert stopped >= 2
+
+
+@pytest.mark.parametrize("arch", ["ar", "diffusion"])
+def test_copies_of_a_prompt_sample_as_repeated_rows_do(arch):
+    """``copies``: the rows of a group sample exactly what repeated prompts sample (the
+    same draws from the same generator), and AR reads each prompt once."""
+    lm = model(arch)
+    ids, pad = left_padded(PROMPTS, pad_id=0)
+    sampling = {"temperature": 1.0, "left_pad": pad}
+    repeated = lm.generate(
+        ids.repeat_interleave(3, dim=0),
+        6,
+        generator=torch.Generator().manual_seed(1),
+        **{**sampling, "left_pad": pad.repeat_interleave(3)},
+    )
+    passes = []
+    forward = lm.backbone.hidden_states
+    lm.backbone.hidden_states = lambda x, **k: passes.append(len(x)) or forward(x, **k)
+    grouped = lm.generate(ids, 6, generator=torch.Generator().manual_seed(1), copies=3, **sampling)
+    assert torch.equal(grouped, repeated)
+    assert passes[0] == (3 if arch == "ar" else 9)  # AR: one pass per prompt, then 9 rows
+    assert set(passes[1:]) == {9}

@@ -78,8 +78,9 @@ class ARLM(LM):
         generator: torch.Generator | None = None,
         use_cache: bool = True,
         left_pad: Tensor | None = None,
+        copies: int = 1,
     ) -> Iterator[Tensor]:
-        """Yield the next token of every row, (B,), one step at a time.
+        """Yield the next token of every row, (B x copies,), one step at a time.
 
         Rows that produced ``eos_id`` keep yielding it; the stream stops when all rows
         have. Once a quarter of the rows still computed have finished, they leave the
@@ -87,10 +88,14 @@ class ARLM(LM):
         sum of their lengths, not rows x the longest. When the context fills the model's
         block, the cache is rebuilt from the last half of the context (the uncached path
         crops to the last block, as nanoGPT). ``left_pad``: prompts of different lengths,
-        left-padded.
+        left-padded. ``copies``: rows per prompt (consecutive), sampled independently;
+        with the cache, each prompt is read once and its cache copied (RL groups).
         """
         block = self.config.block_size
-        seq = prompt_ids
+        first_pad = left_pad  # the prompts' own padding, for the first pass
+        seq = prompt_ids.repeat_interleave(copies, dim=0)
+        if left_pad is not None:
+            left_pad = left_pad.repeat_interleave(copies, dim=0)
         rows = seq.shape[0]
         done = torch.zeros(rows, dtype=torch.bool, device=seq.device)
         active = torch.arange(rows, device=seq.device)  # the rows still computed
@@ -101,11 +106,17 @@ class ARLM(LM):
                 context, pad = _last(seq[active], block, live_pad)
                 logits = self.backbone(context, causal=True, left_pad=pad)[:, -1]
             elif cache is None or cache.length >= cache.capacity:
-                live = seq[active]
+                first = cache is None
+                live, live_pad = (prompt_ids, first_pad) if first else (seq[active], live_pad)
                 cache = KVCache(self.config, live.shape[1] + max_new_tokens)
                 keep = block // 2 if live.shape[1] >= block else block
                 context, pad = _last(live, keep, live_pad)
                 logits = self.backbone(context, causal=True, cache=cache, left_pad=pad)[:, -1]
+                if first and copies > 1:  # every row of a prompt starts from its one pass
+                    each = torch.arange(len(live), device=seq.device).repeat_interleave(copies)
+                    cache.keep_rows(each)
+                    logits = logits[each]
+                    pad = None if pad is None else pad[each]
             else:
                 last = seq[active, -1:]
                 logits = self.backbone(last, causal=True, cache=cache, left_pad=pad)[:, -1]
@@ -140,13 +151,18 @@ class ARLM(LM):
         max_new_tokens: int,
         *,
         left_pad: Tensor | None = None,
+        copies: int = 1,
         **sampling,
     ) -> Tensor:
-        """(B, T) prompt -> (B, T + n) with n <= max_new_tokens (fewer if all rows hit EOS)."""
-        new = list(self.stream(prompt_ids, max_new_tokens, left_pad=left_pad, **sampling))
+        """(B, T) prompt -> (B x copies, T + n) with n <= max_new_tokens (fewer if all rows
+        hit EOS)."""
+        new = list(
+            self.stream(prompt_ids, max_new_tokens, left_pad=left_pad, copies=copies, **sampling)
+        )
+        prompts = prompt_ids.repeat_interleave(copies, dim=0)
         if not new:
-            return prompt_ids
-        return torch.cat([prompt_ids, torch.stack(new, dim=1)], dim=1)
+            return prompts
+        return torch.cat([prompts, torch.stack(new, dim=1)], dim=1)
 
 
 def _last(seq: Tensor, length: int, left_pad: Tensor | None) -> tuple[Tensor, Tensor | None]:

@@ -119,10 +119,12 @@ class LM(nn.Module):
         max_new_tokens: int,
         *,
         left_pad: Tensor | None = None,
+        copies: int = 1,
         **sampling,
     ) -> Tensor:
-        """(B, T) prompts -> (B, T + n) with the completions appended. Prompts of
-        different lengths are left-padded, ``left_pad`` (B,) counting the padding."""
+        """(B, T) prompts -> (B x copies, T + n) with the completions appended, ``copies``
+        independent ones per prompt in consecutive rows. Prompts of different lengths are
+        left-padded, ``left_pad`` (B,) counting the padding."""
         raise NotImplementedError
 
     @classmethod

@@ -185,9 +185,11 @@ class MaskedDiffusionLM(LM):
         eos_id: int | None = None,
         generator: torch.Generator | None = None,
         left_pad: Tensor | None = None,
+        copies: int = 1,
         **options,
     ) -> Tensor:
-        """(B, T) prompt -> (B, T + max_new_tokens): append MASKs and denoise them.
+        """(B, T) prompt -> (B x copies, T + max_new_tokens): append MASKs and denoise them
+        (``copies`` rows per prompt, consecutive).
 
         ``sampler``: "ancestral" (MDLM, ``steps`` steps from t=1 to 0) or "confidence"
         (LLaDA low-confidence remasking over semi-autoregressive blocks of
@@ -200,6 +202,9 @@ class MaskedDiffusionLM(LM):
         ``options`` go to ``denoiser``, which ignores those of other architectures'
         samplers (use_cache, ...).
         """
+        prompt_ids = prompt_ids.repeat_interleave(copies, dim=0)
+        if left_pad is not None:
+            left_pad = left_pad.repeat_interleave(copies, dim=0)
         B, T = prompt_ids.shape
         total = T + max_new_tokens
         if total > self.config.block_size:

@@ -142,7 +142,8 @@ class KVCache:
         self.length = 0  # positions filled
 
     def keep_rows(self, rows: Tensor) -> None:
-        """Drop the batch rows where ``rows`` (a bool mask) is False."""
+        """Keep the batch rows ``rows`` selects: a bool mask, or row indices (which may
+        repeat a row)."""
         if self.k is not None:
             self.k, self.v = self.k[:, rows], self.v[:, rows]
 

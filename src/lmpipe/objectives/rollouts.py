@@ -126,11 +126,12 @@ def sample(
     model.eval()
     try:
         out = model.generate(
-            ids.to(device),
+            prompts.input_ids.to(device),
             max_tokens,
             temperature=temperature,
             eos_id=stop_ids[0],
-            left_pad=left_pad.to(device),
+            left_pad=prompts.left_pad.to(device),
+            copies=copies,
         ).cpu()
     finally:
         model.train(was_training)
