@@ -4,6 +4,7 @@ a re-run, the report card, and a failing stage."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -88,6 +89,12 @@ def test_stages_chain_skip_when_finished_and_write_the_report(pipeline, tmp_path
     assert "stage base: finished earlier, skipped" in again.stdout
     assert "stage dpo: finished earlier, skipped" in again.stdout
     assert "python -m lmpipe.train" not in again.stdout
+
+    shutil.rmtree(directory / "dpo")  # deleted by hand: it runs again
+    rerun = pipeline(stages)
+    assert "stage base: finished earlier, skipped" in rerun.stdout
+    assert "== stage dpo: python -m lmpipe.train" in rerun.stdout
+    assert (directory / "dpo" / "checkpoints").is_dir()
 
 
 def test_a_failing_stage_stops_the_pipeline_and_a_rerun_resumes_there(pipeline, tmp_path):

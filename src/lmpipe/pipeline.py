@@ -159,7 +159,8 @@ def run_pipeline(cfg: DictConfig) -> Path:
         fingerprint = hashlib.sha256(json.dumps([fingerprint, args]).encode()).hexdigest()[:16]
         record = state.get(stage.name, {})
         run_dir = directory / stage.name
-        if record.get("fingerprint") == fingerprint and record.get("finished"):
+        # A finished stage whose run directory is gone (deleted by hand) runs again.
+        if record.get("fingerprint") == fingerprint and record.get("finished") and run_dir.exists():
             print(f"== stage {stage.name}: finished earlier, skipped ({run_dir})")
         else:
             if record and record.get("fingerprint") != fingerprint:
