@@ -90,8 +90,13 @@ def test_stages_chain_skip_when_finished_and_write_the_report(pipeline, tmp_path
     assert "stage dpo: finished earlier, skipped" in again.stdout
     assert "python -m lmpipe.train" not in again.stdout
 
-    shutil.rmtree(directory / "dpo")  # deleted by hand: it runs again
+    shutil.rmtree(directory / "dpo")  # deleted by hand: it runs again, timed afresh
+    state_file = directory / "pipeline_state.json"
+    state = json.loads(state_file.read_text())
+    state["dpo"]["wall_s"] = 1e6
+    state_file.write_text(json.dumps(state))
     rerun = pipeline(stages)
+    assert json.loads(state_file.read_text())["dpo"]["wall_s"] < 1e6
     assert "stage base: finished earlier, skipped" in rerun.stdout
     assert "== stage dpo: python -m lmpipe.train" in rerun.stdout
     assert (directory / "dpo" / "checkpoints").is_dir()

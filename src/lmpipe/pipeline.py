@@ -166,6 +166,8 @@ def run_pipeline(cfg: DictConfig) -> Path:
             if record and record.get("fingerprint") != fingerprint:
                 _replace_changed(stage.name, run_dir, cfg.rerun_changed)
                 record = {}
+            elif not run_dir.exists():  # nothing to resume: its time starts again too
+                record = {}
             module = ENTRYPOINTS[entrypoint(stage)]
             state[stage.name] = record = _run_stage(stage.name, module, args, record, fingerprint)
             state_path.write_text(json.dumps(state, indent=2) + "\n")
