@@ -115,6 +115,22 @@ def interleaved_times(
     return times
 
 
+def speedup(times: dict[str, list[float]], name: str, rounds: int, base: str = "TRL") -> str:
+    """How many times faster ``name`` is than ``base``: the ratio of their median seconds per
+    step and its range over ``rounds`` consecutive parts of the run, as "1.72x | 1.35-1.80"
+    cells ("vs TRL", "range")."""
+
+    def per_round(who: str) -> list[float]:
+        bounds = np.linspace(0, len(times[who]), rounds + 1).astype(int)
+        return [
+            statistics.median(times[who][a:b]) for a, b in zip(bounds[:-1], bounds[1:], strict=True)
+        ]
+
+    ratios = [b / n for b, n in zip(per_round(base), per_round(name), strict=True)]
+    overall = statistics.median(times[base]) / statistics.median(times[name])
+    return f"{overall:.2f}x", f"{min(ratios):.2f}-{max(ratios):.2f}"
+
+
 def median(values: list[float]) -> float:
     return statistics.median(values)
 

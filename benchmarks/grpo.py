@@ -38,7 +38,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from lmpipe.data.prompts import read_prompts
@@ -46,23 +45,21 @@ from lmpipe.data.samplers import PromptOptions, PromptSampler
 from lmpipe.objectives.base import ObjectiveContext
 from lmpipe.objectives.grpo import GRPO
 from lmpipe.objectives.rewards import AnswerMatch, Completion, Format
-from lmpipe.training.checkpoint import resolve_checkpoint
 from sft import (
     ROOT,
     hf_tokenizer,
     llama_like,
-    lmpipe_model,
     lmpipe_optim,
     lmpipe_trainer,
     machine_line,
     no_printing,
-    prepared,
     quiet_hf,
     records,
+    starting_model,
     trl_training_args,
 )
 
-from _common import print_table
+from _common import print_table, speedup
 
 FORMAT = r"(?i)the answer is\s*-?\$?[\d,]*\.?\d+\.?\s*$"
 
@@ -215,23 +212,7 @@ def main() -> None:
     torch.manual_seed(0)
     args.steps = -(-args.steps // args.chunk) * args.chunk  # whole chunks
 
-    if args.start:
-        checkpoint = resolve_checkpoint(args.start)
-        from lmpipe.config import group_option
-        from lmpipe.data.prepare import prepare
-
-        data = prepare(
-            group_option("data", args.data),
-            args.cache_dir,
-            tokenizer=checkpoint.tokenizer(),
-            progress=False,
-        )
-        base = checkpoint.build_model()
-        args.block = base.config.block_size
-    else:
-        data = prepared(args.data, args.cache_dir)
-        base = lmpipe_model(args.preset, args.block - 1, data)
-    base.eval()
+    data, base = starting_model(args)
     tokenizer = hf_tokenizer(data)
     stop_ids = (data.tokenizer.turn_end_id, data.tokenizer.eos_id)
     # A chat model's EOS is its end-of-turn token (as ChatML's <|im_end|>): where TRL stops
@@ -281,23 +262,14 @@ def main() -> None:
         f"warmup, turns of {args.chunk}; {wall:.0f} s; {machine}"
     )
 
-    def per_round(name: str) -> list[float]:
-        bounds = np.linspace(0, len(times[name]), args.rounds + 1).astype(int)
-        return [
-            statistics.median(times[name][a:b])
-            for a, b in zip(bounds[:-1], bounds[1:], strict=True)
-        ]
-
     table = []
     for name, lengths in callback.lengths.items():
-        ratios = [t / s for t, s in zip(per_round("TRL"), per_round(name), strict=True)]
         table.append(
             [
                 "TRL GRPOTrainer" if name == "TRL" else "lmpipe GRPO",
                 f"{statistics.median(times[name]):.2f}",
                 f"{statistics.mean(lengths):.1f}",
-                f"{statistics.median(times['TRL']) / statistics.median(times[name]):.2f}x",
-                f"{min(ratios):.2f}-{max(ratios):.2f}",
+                *speedup(times, name, args.rounds),
             ]
         )
     print_table(["contender", "s/step", "mean completion tokens", "vs TRL", "range"], table)

@@ -47,12 +47,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from lmpipe.data.prompts import read_prompts
 from lmpipe.data.samplers import PromptOptions, PromptSampler
-from lmpipe.models.hf_export import to_hf_reward_model
+from lmpipe.hf_export import to_hf_reward_model
 from lmpipe.objectives.base import ObjectiveContext
 from lmpipe.objectives.ppo import PPO
 from lmpipe.objectives.reward_model import HEAD, LearnedReward, scalar_head
@@ -61,17 +60,16 @@ from sft import (
     ROOT,
     hf_tokenizer,
     llama_like,
-    lmpipe_model,
     lmpipe_optim,
     lmpipe_trainer,
     machine_line,
     no_printing,
-    prepared,
     quiet_hf,
+    starting_model,
     trl_training_args,
 )
 
-from _common import print_table
+from _common import print_table, speedup
 
 KL_COEF, TEMPERATURE = 0.05, 0.7
 
@@ -258,23 +256,7 @@ def main() -> None:
     torch.manual_seed(0)
     args.steps = -(-args.steps // args.chunk) * args.chunk  # whole chunks
 
-    if args.start:
-        from lmpipe.config import group_option
-        from lmpipe.data.prepare import prepare
-
-        checkpoint = resolve_checkpoint(args.start)
-        data = prepare(
-            group_option("data", args.data),
-            args.cache_dir,
-            tokenizer=checkpoint.tokenizer(),
-            progress=False,
-        )
-        base = checkpoint.build_model()
-        args.block = base.config.block_size
-    else:
-        data = prepared(args.data, args.cache_dir)
-        base = lmpipe_model(args.preset, args.block - 1, data)
-    base.eval()
+    data, base = starting_model(args)
     rm = reward_model(args, data, base)
     tokenizer = hf_tokenizer(data)
     tokenizer.padding_side = "left"  # TRL's collator pads the prompts; generation needs left
@@ -326,24 +308,15 @@ def main() -> None:
         f"each after {args.warmup} warmup, turns of {args.chunk}; {wall:.0f} s; {machine}"
     )
 
-    def per_round(name: str) -> list[float]:
-        bounds = np.linspace(0, len(times[name]), args.rounds + 1).astype(int)
-        return [
-            statistics.median(times[name][a:b])
-            for a, b in zip(bounds[:-1], bounds[1:], strict=True)
-        ]
-
     table = []
     for name in ("TRL", "lmpipe"):
-        ratios = [t / s for t, s in zip(per_round("TRL"), per_round(name), strict=True)]
         lengths = callback.lengths if name == "lmpipe" else trl_lengths
         table.append(
             [
                 "TRL 1.12 PPOTrainer" if name == "TRL" else "lmpipe stage=ppo",
                 f"{statistics.median(times[name]):.2f}",
                 f"{statistics.mean(lengths):.1f}" if lengths else "-",
-                f"{statistics.median(times['TRL']) / statistics.median(times[name]):.2f}x",
-                f"{min(ratios):.2f}-{max(ratios):.2f}",
+                *speedup(times, name, args.rounds),
             ]
         )
     print_table(["contender", "s/step", "mean completion tokens", "vs TRL", "range"], table)

@@ -36,11 +36,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from lmpipe.data.samplers import EpisodeOptions, Episodes, EpisodeSampler
-from lmpipe.models.hf_export import to_hf_reward_model
+from lmpipe.hf_export import to_hf_reward_model
 from lmpipe.objectives.base import ObjectiveContext
 from lmpipe.objectives.reward_model import RewardModel, response_end
 from sft import (
@@ -57,7 +56,7 @@ from sft import (
     trl_training_args,
 )
 
-from _common import print_table
+from _common import print_table, speedup
 
 CENTER = 0.01
 
@@ -192,22 +191,13 @@ def main() -> None:
         f"{wall:.0f} s; {machine}"
     )
 
-    def per_round(name: str) -> list[float]:
-        bounds = np.linspace(0, len(times[name]), args.rounds + 1).astype(int)
-        return [
-            statistics.median(times[name][a:b])
-            for a, b in zip(bounds[:-1], bounds[1:], strict=True)
-        ]
-
     table = []
     for name, metrics in (("TRL", last_trl.metrics), ("lmpipe", last["lmpipe"])):
-        ratios = [t / s for t, s in zip(per_round("TRL"), per_round(name), strict=True)]
         table.append(
             [
                 "TRL RewardTrainer" if name == "TRL" else "lmpipe stage=rm",
                 f"{statistics.median(times[name]):.3f}",
-                f"{statistics.median(times['TRL']) / statistics.median(times[name]):.2f}x",
-                f"{min(ratios):.2f}-{max(ratios):.2f}",
+                *speedup(times, name, args.rounds),
                 f"{metrics['accuracy']:.3f} / {metrics['margin']:.4f}",
             ]
         )

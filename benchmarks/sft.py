@@ -62,10 +62,11 @@ from lmpipe.batch import Batch
 from lmpipe.config import group_option
 from lmpipe.data.prepare import PreparedData, prepare
 from lmpipe.data.samplers import EpisodeOptions, Episodes, EpisodeSampler
+from lmpipe.hf_export import to_hf
 from lmpipe.models import LM, build_lm
-from lmpipe.models.hf_export import to_hf
 from lmpipe.objectives import Objective
 from lmpipe.objectives.sft import MaskedSFT
+from lmpipe.training.checkpoint import resolve_checkpoint
 from lmpipe.training.trainer import Trainer
 
 from _common import lmpipe_trainer as common_trainer
@@ -142,6 +143,26 @@ def conversation_tokens(batch: Batch, pad_id: int, eos_id: int) -> int:
     EOS that lmpipe appends to each (TRL counts its attention mask, the same tokens)."""
     ids = batch.input_ids
     return int(((ids != pad_id) & (ids != eos_id)).sum())
+
+
+def starting_model(args) -> tuple[PreparedData, LM]:
+    """The data and the model a benchmark starts from: ``args.start``'s checkpoint (its
+    tokenizer prepares ``args.data``; ``args.block`` becomes its context), else a fresh
+    ``args.preset`` model on ``args.data`` as lmpipe prepares it. In eval mode."""
+    if args.start:
+        checkpoint = resolve_checkpoint(args.start)
+        data = prepare(
+            group_option("data", args.data),
+            args.cache_dir,
+            tokenizer=checkpoint.tokenizer(),
+            progress=False,
+        )
+        base = checkpoint.build_model()
+        args.block = base.config.block_size
+    else:
+        data = prepared(args.data, args.cache_dir)
+        base = lmpipe_model(args.preset, args.block - 1, data)
+    return data, base.eval()
 
 
 def lmpipe_model(preset: str, block: int, data: PreparedData) -> LM:

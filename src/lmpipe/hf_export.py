@@ -13,17 +13,14 @@ always has biases: a model without them exports zero biases.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
+from lmpipe.data.tokenizer import Tokenizer
 from lmpipe.errors import ConfigError
 from lmpipe.models import LM
 from lmpipe.models.transformer import TransformerConfig
-
-if TYPE_CHECKING:  # an architecture's code takes tensors; the tokenizer only saves itself
-    from lmpipe.data.tokenizer import Tokenizer
 
 LLAMA = ("rmsnorm", "rope", "swiglu")
 GPT2 = ("layernorm", "learned", "gelu")
