@@ -54,7 +54,7 @@ def _typed_lines() -> Iterator[str]:
             return
 
 
-@hydra.main(config_path="../../conf", config_name="chat", version_base="1.3")
+@hydra.main(config_path="conf", config_name="chat", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     with user_errors("lmpipe.chat"):
         _chat(cfg)

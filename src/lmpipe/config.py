@@ -85,7 +85,7 @@ def validate(cfg: DictConfig) -> None:
         )
 
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+CONF_DIR = Path(__file__).resolve().parent / "conf"
 
 
 def group_option(group: str, name: str) -> dict:

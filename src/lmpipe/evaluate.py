@@ -19,7 +19,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from lmpipe.cli import run, user_errors
 
 
-@hydra.main(config_path="../../conf", config_name="evaluate", version_base="1.3")
+@hydra.main(config_path="conf", config_name="evaluate", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     with user_errors("lmpipe.evaluate"):
         _evaluate(cfg)

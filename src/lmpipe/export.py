@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 from lmpipe.cli import run, user_errors
 
 
-@hydra.main(config_path="../../conf", config_name="export", version_base="1.3")
+@hydra.main(config_path="conf", config_name="export", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     with user_errors("lmpipe.export"):
         from lmpipe.hf_export import export

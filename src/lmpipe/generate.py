@@ -28,7 +28,7 @@ def _prompt_text(cfg: DictConfig) -> str:
     return str(cfg.prompt)
 
 
-@hydra.main(config_path="../../conf", config_name="generate", version_base="1.3")
+@hydra.main(config_path="conf", config_name="generate", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     with user_errors("lmpipe.generate"):
         _generate(cfg)

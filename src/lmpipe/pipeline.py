@@ -39,7 +39,7 @@ class StageFailed(LmpipeError):
     """A stage's training process exited with an error (it printed its own message)."""
 
 
-@hydra.main(config_path="../../conf", config_name="pipeline", version_base="1.3")
+@hydra.main(config_path="conf", config_name="pipeline", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     with user_errors("lmpipe.pipeline"):
         run_pipeline(cfg)

@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from lmpipe.cli import run, user_errors
 
 
-@hydra.main(config_path="../../conf", config_name="prepare", version_base="1.3")
+@hydra.main(config_path="conf", config_name="prepare", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     with user_errors("lmpipe.prepare"):
         _prepare(cfg)

@@ -16,7 +16,7 @@ from lmpipe.rundir import register_resolvers
 register_resolvers()
 
 
-@hydra.main(config_path="../../conf", config_name="train", version_base="1.3")
+@hydra.main(config_path="conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 

@@ -18,7 +18,7 @@ def _loopback(host: str) -> bool:
         return host == "localhost"
 
 
-@hydra.main(config_path="../../../conf", config_name="ui", version_base="1.3")
+@hydra.main(config_path="../conf", config_name="ui", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     with user_errors("lmpipe.ui"):
         serve(cfg)
