@@ -20,7 +20,7 @@ from lmpipe.eval.diversity import bleu, distinct_n, self_bleu
 from lmpipe.eval.generation import complete
 from lmpipe.eval.heldout import Prompt, heldout_prompts, scoring_batches
 from lmpipe.eval.likelihood import preference_metrics, score_rows
-from lmpipe.eval.tasks import answer_accuracy, greedy_replies, reward_metrics
+from lmpipe.eval.tasks import answer_metrics, greedy_replies, reward_metrics
 from lmpipe.models import build_lm
 from lmpipe.objectives.rewards import AnswerMatch, Format
 
@@ -166,10 +166,13 @@ def test_a_model_that_answers_right_scores_one_and_wrong_zero(chat_data):
     options = {"max_new_tokens": 40, "batch_size": 4, "device": CPU, "progress": False}
     right = greedy_replies(scripted(0), tokenizer, prompts, **options)
     wrong = greedy_replies(scripted(1), tokenizer, prompts, **options)
-    assert answer_accuracy(tokenizer, prompts, right) == 1.0
-    assert answer_accuracy(tokenizer, prompts, wrong) == 0.0
+    assert answer_metrics(tokenizer, prompts, right) == {
+        "task/answer_accuracy": 1.0,
+        "task/answers": 12,
+    }
+    assert answer_metrics(tokenizer, prompts, wrong)["task/answer_accuracy"] == 0.0
     unanswerable = [Prompt(prompts[0].ids, "", "no number in it")]
-    assert answer_accuracy(tokenizer, unanswerable, right[:1]) is None
+    assert answer_metrics(tokenizer, unanswerable, right[:1]) == {}
     rewards = {"answer_match": AnswerMatch(), "format": Format(r"answer is \d+\.$", 0.5)}
     scored = reward_metrics(rewards, tokenizer, prompts, right, max_new_tokens=40)
     assert scored == {"reward/mean": 1.5, "reward/answer_match": 1.0, "reward/format": 1.0}
@@ -215,6 +218,7 @@ def test_preference_accuracy_flips_when_chosen_and_rejected_swap(cache_dir):
     )
     assert after["task/preference_margin"] == pytest.approx(-before["task/preference_margin"])
     assert before["task/preference_margin"] != 0
+    assert before["task/pairs"] == after["task/pairs"] == 14
 
 
 def test_batched_completion_equals_one_by_one_and_cuts_at_the_stop(chat_data):
@@ -242,8 +246,8 @@ COMMON = {
     "speed/tokens_per_sec_batched",
     "speed/ttft_ms",
 }
-ANSWERS = {"task/answer_accuracy"}
-PAIRS = {"task/preference_accuracy", "task/preference_margin"}
+ANSWERS = {"task/answer_accuracy", "task/answers"}
+PAIRS = {"task/preference_accuracy", "task/preference_margin", "task/pairs"}
 
 
 def run_eval(path, cache_dir, **changes):

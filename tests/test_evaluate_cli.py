@@ -86,8 +86,10 @@ def test_data_names_a_mixture_from_conf(lmpipe, run_dir, cache_dir, tmp_path):
     (results,) = saved["results"].values()
     assert set(results) == {
         "task/answer_accuracy",
+        "task/answers",
         "task/preference_accuracy",
         "task/preference_margin",
+        "task/pairs",
     }
     assert saved["checkpoints"]["base@20"]["data"] == "demo_pref"
 

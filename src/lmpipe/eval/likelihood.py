@@ -85,8 +85,8 @@ def token_metrics(scores: RowScores) -> dict[str, float]:
 
 
 def preference_metrics(scores: RowScores) -> dict[str, float]:
-    """How often log p(chosen) > log p(rejected) over the held-out pairs, and the mean of
-    log p(chosen) - log p(rejected) (nats per response)."""
+    """How often log p(chosen) > log p(rejected) over the ``task/pairs`` held-out pairs,
+    and the mean of log p(chosen) - log p(rejected) (nats per response)."""
     if scores.rows_per_example != 2:
         raise ValueError("preference metrics need pairs (rows_per_example=2)")
     logp = -scores.nll
@@ -94,4 +94,5 @@ def preference_metrics(scores: RowScores) -> dict[str, float]:
     return {
         "task/preference_accuracy": float((margin > 0).double().mean()),
         "task/preference_margin": float(margin.mean()),
+        "task/pairs": margin.numel(),
     }

@@ -44,8 +44,8 @@ COLUMNS = [  # (key, header, format)
 # The report's held-out data and what each one measures (preference data also gives an
 # answer accuracy, on the pairs' prompts; the report takes answers from answer_data only).
 HELD_OUT = {
-    "answer_data": ("task/answer_accuracy", "reward/mean"),
-    "preference_data": ("task/preference_accuracy", "task/preference_margin"),
+    "answer_data": ("task/answer_accuracy", "reward/mean", "task/answers"),
+    "preference_data": ("task/preference_accuracy", "task/preference_margin", "task/pairs"),
 }
 
 
@@ -109,6 +109,13 @@ def stage_row(
         )
         row["kl/sequence"] = results.get("kl/sequence")
     return row
+
+
+def _count(rows: list[dict], key: str) -> str:
+    """How many held-out examples the stages were measured on (the same data for every
+    stage; fewer than ``num_samples`` when the data has fewer)."""
+    counts = {row[key] for row in rows if row.get(key) is not None}
+    return "/".join(f"{n:,}" for n in sorted(counts)) or "no"
 
 
 def _evaluate(
@@ -177,41 +184,13 @@ def write_report(
         rows.append(stage_row(name, run_dir, wall_s, report_cfg, **evaluation))
         if (run_dir / "metrics.jsonl").is_file():
             plot_curves(name, run_dir, directory / f"curves_{name}.png")
-    (directory / "report.json").write_text(json.dumps({"stages": rows}, indent=2) + "\n")
-    held_out = ", ".join(
-        f"{what} on data={report_cfg[key]} ({report_cfg['num_samples']} held-out examples)"
-        for key, what in (
-            ("answer_data", "answer accuracy"),
-            ("preference_data", "preference accuracy"),
-        )
-        if report_cfg.get(key)
-    )
-    extra = []
-    if report_cfg.get("reward_model"):
-        extra.append(
-            f"The RM score is the mean score that the reward model {report_cfg['reward_model']} "
-            "gives the greedy replies to the answer prompts; a reward model's own row shows its "
-            "accuracy on its held-out pairs."
-        )
-    if report_cfg.get("kl_reference"):
-        extra.append(
-            f"KL to reference is KL(model || {report_cfg['kl_reference']}) in nats per reply, "
-            "estimated on replies sampled at temperature 1 to the answer prompts."
-        )
+    report = {"stages": rows, "report": report_cfg}
+    (directory / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     plotted = [name for name, _, _ in stages if (directory / f"curves_{name}.png").is_file()]
-    notes = [
-        f"Held-out metrics of every stage's final model: {held_out}.",
-        "The reward is the RL stage's reward (weighted sum) of the greedy replies to the answer "
-        "prompts. Preference accuracy is the share of pairs whose chosen reply the model scores "
-        "above the rejected one; the margin is the mean log-probability difference.",
-        *extra,
-    ]
     text = [
         f"# {directory.name}: what each stage did",
         "",
-        markdown_table(rows),
-        "",
-        " ".join(notes),
+        report_card(rows, report_cfg),
         "",
         *[f"![{name}](curves_{name}.png)" for name in plotted],
         "",
@@ -219,3 +198,34 @@ def write_report(
     path = directory / "report.md"
     path.write_text("\n".join(text))
     return path
+
+
+def report_card(rows: list[dict], report_cfg: dict) -> str:
+    """The report's table and what its held-out columns measure (report.md's body; the
+    README shows the demo's, rendered from its saved report.json)."""
+    held_out = ", ".join(
+        f"{what} on data={report_cfg[key]} ({_count(rows, count)} held-out {unit})"
+        for key, what, count, unit in (
+            ("answer_data", "answer accuracy", "task/answers", "questions"),
+            ("preference_data", "preference accuracy", "task/pairs", "pairs"),
+        )
+        if report_cfg.get(key)
+    )
+    notes = [
+        f"Held-out metrics of every stage's final model: {held_out}.",
+        "The reward is the RL stage's reward (weighted sum) of the greedy replies to the answer "
+        "prompts. Preference accuracy is the share of pairs whose chosen reply the model scores "
+        "above the rejected one; the margin is the mean log-probability difference.",
+    ]
+    if report_cfg.get("reward_model"):
+        notes.append(
+            f"The RM score is the mean score that the reward model {report_cfg['reward_model']} "
+            "gives the greedy replies to the answer prompts; a reward model's own row shows its "
+            "accuracy on its held-out pairs."
+        )
+    if report_cfg.get("kl_reference"):
+        notes.append(
+            f"KL to reference is KL(model || {report_cfg['kl_reference']}) in nats per reply, "
+            "estimated on replies sampled at temperature 1 to the answer prompts."
+        )
+    return markdown_table(rows) + "\n\n" + " ".join(notes)

@@ -23,7 +23,7 @@ from lmpipe.eval.heldout import Prompt, completion_stops, heldout_prompts, scori
 from lmpipe.eval.likelihood import preference_metrics, score_rows, token_metrics
 from lmpipe.eval.reward_model import reward_model_metrics
 from lmpipe.eval.speed import measure_speed
-from lmpipe.eval.tasks import answer_accuracy, greedy_replies, reward_metrics
+from lmpipe.eval.tasks import answer_metrics, greedy_replies, reward_metrics
 from lmpipe.models import LM
 from lmpipe.objectives.reward_model import reward_head
 from lmpipe.objectives.rewards import Reward, RewardContext
@@ -38,8 +38,10 @@ METRIC_NAMES = (
     "val/perplexity_is_bound",  # 1: val/perplexity is exp of a bound (diffusion)
     "val/accuracy",
     "task/answer_accuracy",
+    "task/answers",  # how many held-out questions with a checkable answer were asked
     "task/preference_accuracy",
     "task/preference_margin",
+    "task/pairs",  # how many held-out preference pairs were scored
     "reward/mean",  # and reward/<name> for each reward
     "rm/accuracy",  # a reward model's held-out pairs: chosen scored above rejected
     "rm/margin",
@@ -155,9 +157,8 @@ def evaluate_checkpoint(
         common = {"max_new_tokens": max_new_tokens, "batch_size": batch_size, "device": device}
         if wanted & {"task", "reward"} and data.manifest["format"] != "text":
             replies = greedy_replies(model, tokenizer, prompts, progress=progress, **common)
-            accuracy = answer_accuracy(tokenizer, prompts, replies)
-            if "task" in wanted and accuracy is not None:
-                results["task/answer_accuracy"] = accuracy
+            if "task" in wanted:
+                results.update(answer_metrics(tokenizer, prompts, replies))
             if "reward" in wanted:
                 context = RewardContext(
                     tokenizer=tokenizer,

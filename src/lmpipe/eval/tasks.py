@@ -36,17 +36,20 @@ def greedy_replies(
     )
 
 
-def answer_accuracy(
+def answer_metrics(
     tokenizer: Tokenizer, prompts: list[Prompt], replies: list[list[int]]
-) -> float | None:
-    """The fraction of replies whose final answer is the reference's; prompts whose
-    reference has no answer are left out, and None means none had one."""
+) -> dict[str, float]:
+    """``task/answer_accuracy``: the fraction of replies whose final answer is the
+    reference's, over the ``task/answers`` prompts whose reference has an answer (the
+    others are left out; none at all gives no metrics)."""
     hits = [
         answers_match(extract_answer(tokenizer.decode(reply)), answer)
         for prompt, reply in zip(prompts, replies, strict=True)
         if prompt.reference is not None and (answer := extract_answer(prompt.reference)) is not None
     ]
-    return sum(hits) / len(hits) if hits else None
+    if not hits:
+        return {}
+    return {"task/answer_accuracy": sum(hits) / len(hits), "task/answers": len(hits)}
 
 
 def reward_metrics(
