@@ -61,6 +61,12 @@ def check_stage(cfg) -> None:
     build_schedule(_container(cfg.schedule), float(cfg.optim.lr), tcfg.max_steps)
 
 
+@pytest.mark.parametrize("optim", options("optim"))
+def test_every_optimizer_builds_for_every_arch(optim):
+    for arch in options("arch"):
+        check_stage(api.compose("train", [f"optim={optim}", f"arch={arch}"]))
+
+
 @pytest.mark.parametrize("arch", options("arch"))
 @pytest.mark.parametrize("stage", options("stage"))
 def test_every_stage_with_every_arch(stage, arch):

@@ -2,6 +2,7 @@ import math
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from lmpipe import api
 from lmpipe.errors import ConfigError
@@ -115,3 +116,54 @@ def test_midtrain_rewarmup_plan_from_the_stage_config():
     assert s(199) == pytest.approx(lr / 10, rel=1e-12)
     assert all(s(k) < s(k + 1) for k in range(10)) and all(s(k) >= s(k + 1) for k in range(10, 199))
     assert s.describe() == "warmup 10/200 steps 2e-05 -> 0.0002, then cosine to 2e-05 at step 199"
+
+
+def _model(n_layer: int = 1, tie_embeddings: bool = True):
+    model = {"n_layer": n_layer, "n_head": 2, "d_model": 16, "block_size": 8}
+    return build_lm(arch_config("ar"), {**model, "tie_embeddings": tie_embeddings}, 11)
+
+
+def _muon_run(model):
+    cfg = api.compose("train", ["optim=muon"]).optim
+    return build_adamw(model, OmegaConf.to_container(cfg), torch.device("cpu"))
+
+
+def test_muon_takes_the_block_matrices_and_adamw_the_rest():
+    model = _model(n_layer=2, tie_embeddings=False)
+    muon, adamw = _muon_run(model).optimizers
+    names = {id(p): n for n, p in model.named_parameters()}
+    on_muon = {names[id(p)] for g in muon.param_groups for p in g["params"]}
+    on_adamw = {names[id(p)] for g in adamw.param_groups for p in g["params"]}
+    assert on_muon == {
+        f"backbone.blocks.{i}.{m}.weight"
+        for i in range(2)
+        for m in ("attn.qkv", "attn.proj", "mlp.up", "mlp.down")
+    }
+    assert on_muon.isdisjoint(on_adamw) and on_muon | on_adamw == set(names.values())
+    assert "backbone.lm_head.weight" in on_adamw  # the head and embeddings stay on AdamW
+
+
+@pytest.mark.parametrize("stepped", ["muon", "adamw"])
+def test_a_step_of_one_part_changes_only_its_parameters(stepped):
+    model = _model()
+    chain = _muon_run(model)
+    muon, adamw = chain.optimizers
+    for param in model.parameters():
+        param.grad = torch.randn_like(param)
+    for part in chain.optimizers:  # the other part's LR is 0: its parameters must not move
+        for group in part.param_groups:
+            group["lr"] = group["lr"] if part is dict(muon=muon, adamw=adamw)[stepped] else 0.0
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    chain.step()
+    moved = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    part = dict(muon=muon, adamw=adamw)[stepped]
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert moved == {names[id(p)] for g in part.param_groups for p in g["params"]}
+
+
+def test_the_schedule_scales_muons_lr_with_adamws():
+    model = _model()
+    muon, adamw = _muon_run(model).optimizers
+    defaults = api.compose("train", ["optim=muon"]).optim
+    assert muon.param_groups[0]["lr_scale"] == pytest.approx(defaults.muon.lr / defaults.lr)
+    assert "lr_scale" not in adamw.param_groups[0]

@@ -81,18 +81,20 @@ def _losses(run_dir: Path) -> dict[int, list[float]]:
     return by_step
 
 
-def test_resume_after_sigkill_reproduces_the_uninterrupted_run(lmpipe, tmp_path, cache_dir):
+@pytest.mark.parametrize("optim", ["adamw", "muon"])
+def test_resume_after_sigkill_reproduces_the_uninterrupted_run(lmpipe, tmp_path, cache_dir, optim):
     reference = tmp_path / "reference"
-    lmpipe("train", *_train_args(reference))
+    lmpipe("train", *_train_args(reference), f"optim={optim}")
 
     killed = tmp_path / "killed"
     # After the step-10 checkpoint, before step 20's.
-    train_until_killed(tmp_path, [*_train_args(killed), f"cache_dir={cache_dir}"], "step     13 |")
+    args = [*_train_args(killed), f"optim={optim}"]
+    train_until_killed(tmp_path, [*args, f"cache_dir={cache_dir}"], "step     13 |")
     run_dir = killed / "r"
     assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["step_000010"]
     assert max(_losses(run_dir)) < 20
 
-    proc = lmpipe("train", *_train_args(killed), "resume=auto")
+    proc = lmpipe("train", *args, "resume=auto")
     assert "resuming from" in proc.stdout and "step_000010" in proc.stdout
 
     final_ref = load_file(reference / "r" / "checkpoints" / "step_000030" / "model.safetensors")

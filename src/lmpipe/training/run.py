@@ -43,7 +43,7 @@ from lmpipe.training.distributed import (
 )
 from lmpipe.training.hardware import Hardware, resolve_hardware
 from lmpipe.training.inputs import FORGETTING_SET, build_inputs, forgetting_set
-from lmpipe.training.optim import build_optimizer
+from lmpipe.training.optim import build_optimizer, describe_optimizer
 from lmpipe.training.resume import (
     check_numerics,
     check_settings,
@@ -388,7 +388,7 @@ def _plan(
             f"  sampling   {sampling}",
             f"  batch      {tcfg.batch_size} x {tcfg.block_size} tokens/step on {env.world_size} rank(s), "
             f"{micro_batches} micro-batch(es) each; {tcfg.max_steps} steps",
-            f"  optimizer  {cfg.optim.name} lr {cfg.optim.lr:g}; {trainer.schedule.describe()}",
+            f"  optimizer  {describe_optimizer(cfg.optim)}; {trainer.schedule.describe()}",
             f"  hardware   {hw.device} {hw.precision}{' compiled' if hw.compile else ''}",
         ]
     )

@@ -196,8 +196,8 @@ class Trainer:
             # a function of the step, so a resumed run replays exactly what it would have done.
             torch.manual_seed(derive_seed(self.seed, "train", self.step, self.env.rank))
             lr = self.schedule(self.step)
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
+            for group in self.optimizer.param_groups:  # lr_scale: a group's LR relative to lr
+                group["lr"] = lr * group.get("lr_scale", 1.0)
             started = time.perf_counter()
             batch = self.sampler.batch(self.step)
             model_metrics = self.model.on_train_step()  # the model's own schedule, if any
