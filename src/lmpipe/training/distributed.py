@@ -66,6 +66,12 @@ def all_reduce_sum(tensor: torch.Tensor, env: DistEnv) -> torch.Tensor:
     return tensor
 
 
+def sum_over_ranks(value: int, env: DistEnv, device: torch.device) -> int:
+    if not env.enabled:
+        return value
+    return int(all_reduce_sum(torch.tensor(value, dtype=torch.int64, device=device), env))
+
+
 def all_reduce_mean_grads(module: nn.Module, env: DistEnv) -> None:
     """Average a module's gradients over ranks (for modules outside the DDP wrapper)."""
     if not env.enabled:

@@ -41,6 +41,7 @@ from lmpipe.training.distributed import (
     all_reduce_sum,
     barrier,
     no_sync,
+    sum_over_ranks,
 )
 from lmpipe.training.hardware import Hardware
 from lmpipe.training.schedule import LRSchedule
@@ -203,7 +204,6 @@ class Trainer:
             model_metrics = self.model.on_train_step()  # the model's own schedule, if any
             metrics, step_tokens = self.train_step(batch)
             metrics.update(model_metrics)
-            step_tokens *= self.env.world_size
             self.step += 1
             self._log_episodes(batch)
             self.tokens_seen += step_tokens
@@ -222,7 +222,7 @@ class Trainer:
 
     def train_step(self, batch: Batch) -> tuple[dict[str, float], int]:
         """One optimizer step per update batch the objective prepares; returns the metrics
-        and the tokens processed (this rank)."""
+        and the tokens processed (all ranks)."""
         self.train_model.train(self.objective.train_mode)
         averager = MetricAverager()
         examples = self.micro_batch_examples
@@ -258,7 +258,7 @@ class Trainer:
         metrics = averager.result(self.env, self.hardware.device)
         if self.skipped_steps:
             metrics["skipped_steps"] = self.skipped_steps
-        return metrics, tokens
+        return metrics, sum_over_ranks(tokens, self.env, self.hardware.device)
 
     def _count_bad(self, finite: bool) -> None:
         if finite:
