@@ -167,7 +167,7 @@ def save_random_checkpoint(
     }
     save_checkpoint(
         path,
-        model=model,
+        weights=model.state_dict(),
         trainer_state={},
         tokenizer=data.tokenizer,
         meta=meta,

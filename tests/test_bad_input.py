@@ -209,6 +209,12 @@ TRAIN_CASES = [
     ("precision-unknown", ["hardware.precision=fp8"], ["hardware.precision='fp8'"]),
     ("micro-batch-zero", ["hardware.micro_batch_size=0"], ["hardware.micro_batch_size=0"]),
     ("strategy-unknown", ["hardware.strategy=magic"], ["hardware.strategy='magic'"]),
+    ("fsdp-fp16", ["hardware=fsdp", "hardware.precision=fp16"], ["fsdp computes in bf16 or fp32"]),
+    (
+        "fsdp-objective-with-a-head",
+        ["hardware=fsdp", "stage=rm", "data=demo_pref"],
+        ["hardware.strategy=fsdp cannot train stage objective 'rm' yet", "use hardware=ddp"],
+    ),
     ("schedule-unknown", ["schedule.name=step"], ["schedule.name='step'"]),
     ("warmup-ratio-over-one", ["schedule.warmup_ratio=1.5"], ["schedule.warmup_ratio=1.5"]),
     ("warmup-longer-than-run", ["schedule.warmup_steps=100"], ["schedule.warmup_steps=100"]),

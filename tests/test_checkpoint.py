@@ -29,7 +29,7 @@ def save(run_dir, step, model=None):
     path = ckpt.checkpoint_dir(run_dir, step)
     ckpt.save_checkpoint(
         path,
-        model=model,
+        weights=model.state_dict(),
         trainer_state={"step": step, "optimizer": optimizer.state_dict()},
         tokenizer=Tokenizer.build_char(["abc"]),
         meta={"global_step": step, "model_config": model.config_dict()},

@@ -1,11 +1,20 @@
-"""Episode-indexed sampling: epochs, seeds, drop_last, padding vs packing, pairs."""
+"""Sampling: epochs, seeds, drop_last, padding vs packing, pairs; what ranks share."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
-from lmpipe.data.samplers import EpisodeOptions, Episodes, EpisodeSampler, pack_best_fit
+from lmpipe.data.samplers import (
+    EpisodeOptions,
+    Episodes,
+    EpisodeSampler,
+    WindowSampler,
+    eval_episodes,
+    eval_windows,
+    pack_best_fit,
+)
 from lmpipe.data.shards import TokenShards
 from lmpipe.errors import ConfigError
 
@@ -136,3 +145,27 @@ def test_bad_options():
                 "episode_min_tokens": 0,
             }
         )
+
+
+def test_ranks_split_the_batch_one_rank_would_draw():
+    text = shards([400])
+    one = WindowSampler(text, 16, 6, seed=3).batch(7).input_ids
+    two = [WindowSampler(text, 16, 6, 3, rank, world_size=2).batch(7).input_ids for rank in (0, 1)]
+    assert torch.equal(torch.cat(two), one)
+    assert not torch.equal(WindowSampler(text, 16, 6, seed=3).batch(8).input_ids, one)
+
+
+def test_held_out_sets_do_not_depend_on_batch_size_or_ranks():
+    text = shards([400])
+
+    def windows(rows, count=10, rank=0, world_size=1) -> list[tuple]:
+        batches = eval_windows(text, 16, 16, rows, count, rank, world_size)
+        return sorted(tuple(row) for b in batches for row in b.input_ids.tolist())
+
+    assert len(windows(3)) == 10 and windows(3) == windows(4)
+    assert sorted(windows(2, rank=0, world_size=2) + windows(2, rank=1, world_size=2)) == windows(4)
+    # All 25 windows of the split asked for on 2 ranks: 12 each (as many forward passes).
+    assert [len(windows(5, 25, rank, 2)) for rank in (0, 1)] == [12, 12]
+    episodes = Episodes(shards([5 + i % 7 for i in range(9)]), 1, 32)
+    per_rank = [eval_episodes(episodes, 3, 100, pad_id=PAD, rank=r, world_size=2) for r in (0, 1)]
+    assert [sum(len(b) for b in batches) for batches in per_rank] == [4, 4]

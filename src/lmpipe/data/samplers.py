@@ -1,8 +1,9 @@
 """Samplers turn token shards into batches.
 
-A sampler's batch for step ``k`` is a pure function of ``(seed, k, rank)``: the step *is*
-the sampler position, so a resumed run continues with exactly the next batch on any
-number of ranks. ``position(k)`` describes that position (epoch, batch within it) for the
+A sampler's batch for step ``k`` is a pure function of ``(seed, k)``, all ranks' rows
+together, each rank taking its slice: the step *is* the sampler position, so a resumed run
+continues with exactly the next batch on any number of ranks, and N ranks train on the
+rows one rank would. ``position(k)`` describes that position (epoch, batch within it) for the
 checkpoint, where resume checks it against the data it finds.
 
 - ``WindowSampler``: fixed-length windows at random offsets of the token stream
@@ -40,7 +41,9 @@ def _mask_rows(shards: TokenShards, starts: np.ndarray, length: int) -> torch.Te
 
 
 class WindowSampler:
-    """Fixed-length windows at random offsets of a token stream (pretraining)."""
+    """Fixed-length windows at random offsets of a token stream (pretraining): ``rows``
+    windows per step over all ranks, drawn from ``(seed, step)`` alone, each rank taking
+    its slice, so the step's batch is the same on any number of ranks."""
 
     def __init__(
         self,
@@ -49,6 +52,7 @@ class WindowSampler:
         rows: int,
         seed: int,
         rank: int = 0,
+        world_size: int = 1,
         split: str = "train",
     ):
         if len(shards) < row_length:
@@ -61,13 +65,14 @@ class WindowSampler:
         self.rows = rows
         self.seed = seed
         self.rank = rank
+        self.world_size = world_size
 
     def batch(self, step: int) -> Batch:
-        generator = torch.Generator().manual_seed(
-            derive_seed(self.seed, "windows", step, self.rank)
-        )
+        generator = torch.Generator().manual_seed(derive_seed(self.seed, "windows", step))
         high = len(self.shards) - self.row_length + 1
         starts = torch.randint(high, (self.rows,), generator=generator).numpy()
+        per_rank = self.rows // self.world_size
+        starts = starts[self.rank * per_rank : (self.rank + 1) * per_rank]
         ids = _rows(self.shards.tokens, starts, self.row_length)
         return Batch(input_ids=ids, loss_mask=_mask_rows(self.shards, starts, self.row_length))
 
@@ -75,25 +80,34 @@ class WindowSampler:
         return {"kind": "windows", "step": step}
 
 
+def held_out_share(available: int, count: int, rank: int, world_size: int) -> slice:
+    """This rank's share of the first ``count`` of ``available`` held-out examples (all of
+    them if fewer, then rounded down to a multiple of the ranks, so that every rank runs
+    as many forward passes: a sharded model needs that)."""
+    count = min(count, available)
+    return slice(rank, count - count % world_size, world_size)
+
+
 def eval_windows(
     shards: TokenShards,
     row_length: int,
     stride: int,
     rows: int,
-    max_batches: int,
+    count: int,
     rank: int = 0,
     world_size: int = 1,
     split: str = "val",
 ) -> list[Batch]:
-    """Deterministic evaluation batches: windows every ``stride`` tokens from the start of
-    the split (stride = context length, so each token is scored once), up to
-    ``max_batches * rows`` of them, divided among ranks. The same set at every eval."""
+    """Deterministic evaluation batches: the first ``count`` windows, every ``stride``
+    tokens from the start of the split (stride = context length, so each token is scored
+    once), divided among ranks, in batches of ``rows``. The same set at every eval,
+    however many ranks and rows per batch."""
     if len(shards) < row_length:
         raise DataError(
             f"the {split} split has {len(shards)} tokens, fewer than one row of {row_length}"
         )
-    count = min(max_batches * rows * world_size, (len(shards) - row_length) // stride + 1)
-    starts = (np.arange(count) * stride)[rank::world_size]
+    available = (len(shards) - row_length) // stride + 1
+    starts = np.arange(available)[held_out_share(available, count, rank, world_size)] * stride
     batches = []
     for i in range(0, len(starts), rows):
         chunk = starts[i : i + rows]
@@ -461,16 +475,17 @@ def collate_episodes(
 def eval_episodes(
     episodes: Episodes,
     rows: int,
-    max_batches: int,
+    count: int,
     *,
     pad_id: int,
     pad_target_id: int | None = None,
     rank: int = 0,
     world_size: int = 1,
 ) -> list[Batch]:
-    """Held-out batches: the split's episodes in order, unpacked, this rank's share, up to
-    ``max_batches`` batches of ``rows`` examples. The same set at every eval."""
-    mine = episodes.kept[: max_batches * rows * world_size][rank::world_size].tolist()
+    """Held-out batches: the split's first ``count`` episodes in order, unpacked, this
+    rank's share, in batches of ``rows`` examples. The same set at every eval."""
+    kept = episodes.kept
+    mine = kept[held_out_share(len(kept), count, rank, world_size)].tolist()
     return [
         collate_episodes(
             episodes,

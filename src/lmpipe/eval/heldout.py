@@ -30,38 +30,22 @@ def scoring_batches(
     block = model.config.block_size
     row_length = model.row_length(block)
     shards = data.split("val")
-    max_batches = -(-num_samples // batch_size)
     if data.manifest["format"] == "text":
-        batches = eval_windows(shards, row_length, block, batch_size, max_batches)
-    else:
-        episodes = Episodes(shards, data.manifest["documents_per_record"], row_length)
-        if not len(episodes.kept):
-            raise DataError(
-                f"{data.directory}: no held-out episode fits a row of {row_length} tokens "
-                f"(dropped: {dict(episodes.dropped)})"
-            )
-        tokenizer = data.tokenizer
-        target = model.pad_target()
-        batches = eval_episodes(
-            episodes,
-            batch_size,
-            max_batches,
-            pad_id=tokenizer.pad_id,
-            pad_target_id=tokenizer.special_id(target) if target else None,
+        return eval_windows(shards, row_length, block, batch_size, num_samples)
+    episodes = Episodes(shards, data.manifest["documents_per_record"], row_length)
+    if not len(episodes.kept):
+        raise DataError(
+            f"{data.directory}: no held-out episode fits a row of {row_length} tokens "
+            f"(dropped: {dict(episodes.dropped)})"
         )
-    return _first_examples(batches, num_samples)
-
-
-def _first_examples(batches: list[Batch], count: int) -> list[Batch]:
-    kept = []
-    for batch in batches:
-        if count <= 0:
-            break
-        if batch.num_examples > count:
-            batch = batch.split(count)[0]
-        kept.append(batch)
-        count -= batch.num_examples
-    return kept
+    target = model.pad_target()
+    return eval_episodes(
+        episodes,
+        batch_size,
+        num_samples,
+        pad_id=data.tokenizer.pad_id,
+        pad_target_id=data.tokenizer.special_id(target) if target else None,
+    )
 
 
 def completion_stops(data: PreparedData) -> tuple[int, ...]:

@@ -108,6 +108,10 @@ class Objective:
     # that sampled a rollout and the one that scores it are the same function (RL ratios
     # start at exactly 1).
     train_mode: ClassVar[bool] = True
+    # A sharded (FSDP) model gathers its weights inside ``forward``, on every rank at once:
+    # False for an objective that calls the model otherwise (generation) or trains modules
+    # of its own besides it.
+    shardable: ClassVar[bool] = True
 
     def check_arch(self, lm_class: type[LM]) -> None:
         """Refuse, at config time, an architecture this objective cannot train."""

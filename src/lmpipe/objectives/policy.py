@@ -51,6 +51,7 @@ class PolicyObjective(Objective):
     data_formats: ClassVar[frozenset[str]] = frozenset({"prompt"})
     sampler_kinds: ClassVar[frozenset[str]] = frozenset({"prompts"})
     train_mode: ClassVar[bool] = False
+    shardable: ClassVar[bool] = False  # rollouts call ``generate``
     # How to configure a reward, for the error message of a stage without one.
     reward_hint: ClassVar[str] = "reward=[answer_match,format]"
 

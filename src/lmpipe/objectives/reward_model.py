@@ -143,6 +143,7 @@ class RewardModel(Objective):
     name = "rm"
     data_formats: ClassVar[frozenset[str]] = frozenset({"preference"})
     sampler_kinds: ClassVar[frozenset[str]] = frozenset({"episodes"})
+    shardable: ClassVar[bool] = False  # trains a reward head besides the model
 
     def __init__(self, margin: float, center_rewards_coefficient: float | None):
         center = center_rewards_coefficient or 0.0

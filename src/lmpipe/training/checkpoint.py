@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, load_model, save_file, save_model
+from safetensors.torch import load_file, load_model, save_file
 from torch import Tensor, nn
 
 from lmpipe.cli import one_line
@@ -70,23 +70,40 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+def save_weights(weights: dict[str, Tensor], file: Path) -> None:
+    """A model's state dict as safetensors; a tensor tied under several names (the
+    embedding and the LM head) is stored once, under the first name (as safetensors'
+    ``save_model`` does, and ``load_model`` expects)."""
+    stored: dict[str, Tensor] = {}
+    seen: set[int] = set()
+    for name in sorted(weights):
+        tensor = weights[name]
+        storage = tensor.untyped_storage().data_ptr()
+        if tensor.numel() and storage in seen:
+            continue  # tied to a name stored already
+        seen.add(storage)
+        stored[name] = tensor.detach().contiguous()
+    save_file(stored, str(file))
+
+
 def save_checkpoint(
     path: Path,
     *,
-    model: nn.Module,
+    weights: dict[str, Tensor],
     trainer_state: dict,
     tokenizer: Tokenizer,
     meta: dict,
     modules: dict[str, nn.Module] | None = None,
 ) -> None:
     """Write a complete checkpoint at ``path`` (replacing one that is there) atomically.
-    ``modules``: what an objective trains besides the model, saved by name."""
+    ``weights``: the model's full state dict; ``modules``: what an objective trains besides
+    the model, saved by name."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        save_model(model, str(tmp / "model.safetensors"))
+        save_weights(weights, tmp / "model.safetensors")
         _reached(path, "model.safetensors")
         names = list(FILES)
         if modules:

@@ -1,4 +1,5 @@
-"""torch.distributed glue: process group from torchrun's environment, DDP wrapping, reductions.
+"""torch.distributed glue: process group from torchrun's environment, DDP or FSDP2 wrapping,
+reductions.
 
 A single process (no ``WORLD_SIZE`` or ``WORLD_SIZE=1``) needs none of it; every helper is
 then a no-op, so the Trainer has one code path.
@@ -13,6 +14,9 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from lmpipe.training.hardware import Hardware
+from lmpipe.training.sharding import is_sharded, shard
 
 
 @dataclass(frozen=True)
@@ -46,24 +50,48 @@ def local_rank_from_env() -> int:
     return int(os.environ.get("LOCAL_RANK", "0"))
 
 
-def wrap_model(model: nn.Module, env: DistEnv, device: torch.device) -> nn.Module:
-    if not env.enabled:
-        return model
-    device_ids = [device.index] if device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+def wrap_model(model: nn.Module, env: DistEnv, hardware: Hardware) -> nn.Module:
+    """What the objective calls to train ``model``: compiled if asked, and over several
+    ranks wrapped in DDP or, with ``strategy=fsdp``, sharded in place (FSDP2)."""
+    if env.enabled and hardware.strategy == "fsdp":
+        shard(model, hardware.autocast_dtype)
+    trained = torch.compile(model) if hardware.compile else model
+    if not env.enabled or is_sharded(model):
+        return trained
+    device_ids = [hardware.device.index] if hardware.device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(trained, device_ids=device_ids)
 
 
+@contextlib.contextmanager
 def no_sync(model: nn.Module, skip_sync: bool):
-    """Skip DDP's gradient all-reduce on all but the last micro-batch of a step."""
-    if skip_sync and isinstance(model, nn.parallel.DistributedDataParallel):
-        return model.no_sync()
-    return contextlib.nullcontext()
+    """Around a micro-batch's forward and backward: skip the gradient reduction (DDP's
+    all-reduce, FSDP's reduce-scatter) on all but the last micro-batch of a step."""
+    sharded = getattr(model, "_orig_mod", model)  # under torch.compile
+    if not skip_sync:
+        yield
+    elif isinstance(model, nn.parallel.DistributedDataParallel):
+        with model.no_sync():
+            yield
+    elif is_sharded(sharded):
+        sharded.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            sharded.set_requires_gradient_sync(True)
+    else:
+        yield
 
 
 def all_reduce_sum(tensor: torch.Tensor, env: DistEnv) -> torch.Tensor:
     if env.enabled:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
+
+
+def sum_over_ranks(value: int, env: DistEnv, device: torch.device) -> int:
+    if not env.enabled:
+        return value
+    return int(all_reduce_sum(torch.tensor(value, dtype=torch.int64, device=device), env))
 
 
 def all_reduce_mean_grads(module: nn.Module, env: DistEnv) -> None:

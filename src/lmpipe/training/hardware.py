@@ -11,7 +11,7 @@ from lmpipe.errors import ConfigError
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-STRATEGIES = ("none", "ddp")
+STRATEGIES = ("none", "ddp", "fsdp")
 
 # Dense bf16/fp16 tensor-core peak (TFLOP/s) by GPU name, for MFU when not configured.
 PEAK_TFLOPS = {
@@ -86,6 +86,10 @@ def resolve_hardware(cfg: dict, local_rank: int = 0) -> Hardware:
     strategy = cfg["strategy"]
     if strategy not in STRATEGIES:
         raise ConfigError(f"hardware.strategy={strategy!r} is not one of {', '.join(STRATEGIES)}")
+    if strategy == "fsdp" and precision == "fp16":
+        raise ConfigError(
+            "hardware.strategy=fsdp computes in bf16 or fp32, not fp16 (hardware.precision=fp16)"
+        )
     micro = cfg["micro_batch_size"]
     if micro is not None and (not isinstance(micro, int) or micro < 1):
         raise ConfigError(f"hardware.micro_batch_size={micro!r} must be a positive integer or null")

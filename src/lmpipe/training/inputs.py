@@ -24,6 +24,7 @@ from lmpipe.data.samplers import (
     collate_prompts,
     eval_episodes,
     eval_windows,
+    held_out_share,
 )
 from lmpipe.errors import ConfigError, DataError
 from lmpipe.models import LM
@@ -55,14 +56,15 @@ def build_inputs(
     if kind not in SAMPLER_KINDS:
         raise ConfigError(f"sampler.kind={kind!r} is not one of {', '.join(SAMPLER_KINDS)}")
     row_length = model.row_length(tcfg.block_size)
-    rows_per_rank = tcfg.batch_size // env.world_size
     if kind == "windows":
         if data.manifest["documents_per_record"] != 1:
             raise ConfigError(
                 f"sampler.kind=windows cannot read {data.manifest['format']} data "
                 f"(data={data.manifest['name']}); use a stage with an episode sampler"
             )
-        sampler = WindowSampler(data.split("train"), row_length, rows_per_rank, seed, env.rank)
+        sampler = WindowSampler(
+            data.split("train"), row_length, tcfg.batch_size, seed, env.rank, env.world_size
+        )
         val = _window_val(data, row_length, tcfg, micro_examples, env)
         return Inputs(sampler, {"val": val} if val else {}, "random windows of the token stream")
 
@@ -90,7 +92,7 @@ def build_inputs(
             val_sets["val"] = eval_episodes(
                 held_out,
                 micro_examples,
-                tcfg.eval_batches,
+                held_out_examples(tcfg),
                 pad_id=pad_id,
                 pad_target_id=pad_target_id,
                 rank=env.rank,
@@ -103,6 +105,12 @@ def build_inputs(
         f"epoch; dropped: {dropped})"
     )
     return Inputs(sampler, val_sets, description)
+
+
+def held_out_examples(tcfg: TrainerConfig) -> int:
+    """Examples of a held-out set, all ranks together: ``eval_batches`` full batches,
+    whatever the number of ranks and the micro-batch size."""
+    return tcfg.eval_batches * tcfg.batch_size
 
 
 def _prompt_inputs(
@@ -123,9 +131,7 @@ def _prompt_inputs(
     if tcfg.eval_batches:
         held_out = read_prompts(data, "val")
         fits = [i for i, p in enumerate(held_out) if len(p.ids) <= options.max_prompt_tokens]
-        mine = fits[: tcfg.eval_batches * micro_examples * env.world_size][
-            env.rank :: env.world_size
-        ]
+        mine = fits[held_out_share(len(fits), held_out_examples(tcfg), env.rank, env.world_size)]
         if mine:
             val_sets["val"] = [
                 collate_prompts(held_out, mine[i : i + micro_examples], pad_id)
@@ -149,7 +155,7 @@ def _window_val(
         row_length,
         tcfg.block_size,
         micro_examples,
-        tcfg.eval_batches,
+        held_out_examples(tcfg),
         env.rank,
         env.world_size,
     )

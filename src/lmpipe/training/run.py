@@ -93,6 +93,16 @@ def build_run(cfg: DictConfig, run_dir: Path, hardware: Hardware, env: DistEnv) 
     model_class = lm_class(cfg.arch._target_)
     objective.check_arch(model_class)
     objective.check_sampler(cfg.sampler.kind)
+    if hardware.strategy == "fsdp" and not objective.shardable:
+        raise ConfigError(
+            f"hardware.strategy=fsdp cannot train stage objective '{objective.name}' yet (it "
+            "generates rollouts or trains modules of its own); use hardware=ddp"
+        )
+    if hardware.strategy == "fsdp" and cfg.optim.name != "adamw":
+        raise ConfigError(
+            f"hardware.strategy=fsdp gathers AdamW's state only, not optim={cfg.optim.name}'s "
+            "yet; use hardware=ddp or optim=adamw"
+        )
     sink_names(OmegaConf.to_container(cfg.logger))
     tcfg = trainer_config(cfg)
     if tcfg.batch_size % env.world_size:
@@ -114,9 +124,8 @@ def build_run(cfg: DictConfig, run_dir: Path, hardware: Hardware, env: DistEnv) 
     if source is not None:
         source.load_weights(model)
     model.to(hardware.device)
-    train_model = wrap_model(
-        torch.compile(model) if hardware.compile else model, env, hardware.device
-    )
+    model_config = model.config_dict()  # before FSDP makes its class FSDP<class>
+    train_model = wrap_model(model, env, hardware)
 
     micro = hardware.micro_batch_size or tcfg.batch_size // env.world_size
     inputs = build_inputs(
@@ -148,7 +157,7 @@ def build_run(cfg: DictConfig, run_dir: Path, hardware: Hardware, env: DistEnv) 
     )
     static_meta = {
         "architecture": model.arch,
-        "model_config": model.config_dict(),
+        "model_config": model_config,
         "model_name": (source.meta.get("model_name") if source else None) or cfg.model.name,
         "stage": cfg.stage.name,
         "train_config": OmegaConf.to_container(cfg, resolve=True),

@@ -40,10 +40,18 @@ from lmpipe.training.distributed import (
     all_reduce_mean_grads,
     all_reduce_sum,
     barrier,
+    broadcast_from_main,
     no_sync,
+    sum_over_ranks,
 )
 from lmpipe.training.hardware import Hardware
 from lmpipe.training.schedule import LRSchedule
+from lmpipe.training.sharding import (
+    full_tensor,
+    load_optimizer_state,
+    model_state,
+    optimizer_state,
+)
 
 
 @dataclass(frozen=True)
@@ -126,7 +134,7 @@ class Trainer:
         seed: int,
     ):
         self.config = config
-        self.model = model  # the bare LM (checkpoints, generation)
+        self.model = model  # the LM (checkpoints, generation; sharded in place under FSDP)
         self.train_model = train_model  # what the objective calls (maybe DDP/compiled)
         self.objective = objective
         self.optimizer = optimizer
@@ -155,6 +163,7 @@ class Trainer:
 
     # --- state --------------------------------------------------------------------
     def state_dict(self) -> dict:
+        """Every rank calls it (a sharded optimizer state is gathered for rank 0)."""
         return {
             "step": self.step,
             # Batches are a function of the step; the position is saved to be checked.
@@ -163,7 +172,7 @@ class Trainer:
             "skipped_steps": self.skipped_steps,
             "bad_in_a_row": self.bad_in_a_row,
             "best_val_loss": self.best_val_loss,
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": optimizer_state(self.model, self.optimizer),
             "scaler": self.scaler.state_dict(),
         }
 
@@ -179,7 +188,7 @@ class Trainer:
         self.skipped_steps = int(state.get("skipped_steps", 0))
         self.bad_in_a_row = int(state.get("bad_in_a_row", 0))
         self.best_val_loss = float(state["best_val_loss"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(self.model, self.optimizer, state["optimizer"])
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
 
@@ -203,7 +212,6 @@ class Trainer:
             model_metrics = self.model.on_train_step()  # the model's own schedule, if any
             metrics, step_tokens = self.train_step(batch)
             metrics.update(model_metrics)
-            step_tokens *= self.env.world_size
             self.step += 1
             self._log_episodes(batch)
             self.tokens_seen += step_tokens
@@ -222,7 +230,7 @@ class Trainer:
 
     def train_step(self, batch: Batch) -> tuple[dict[str, float], int]:
         """One optimizer step per update batch the objective prepares; returns the metrics
-        and the tokens processed (this rank)."""
+        and the tokens processed (all ranks)."""
         self.train_model.train(self.objective.train_mode)
         averager = MetricAverager()
         examples = self.micro_batch_examples
@@ -236,16 +244,17 @@ class Trainer:
             for i, micro in enumerate(micro_batches):
                 micro = micro.to(self.hardware.device)
                 last = i == len(micro_batches) - 1
-                with no_sync(self.train_model, not last), self.hardware.autocast():
-                    loss, metrics = self.objective.loss(self.train_model, micro)
-                self.scaler.scale(loss * (len(micro) / len(update))).backward()
+                with no_sync(self.train_model, not last):
+                    with self.hardware.autocast():
+                        loss, metrics = self.objective.loss(self.train_model, micro)
+                    self.scaler.scale(loss * (len(micro) / len(update))).backward()
                 finite &= math.isfinite(float(loss.detach()))
                 averager.add(metrics)
             for module in self.modules.values():  # DDP syncs the model's gradients only
                 all_reduce_mean_grads(module, self.env)
             self.scaler.unscale_(self.optimizer)
             clip = self.config.grad_clip if self.config.grad_clip else math.inf
-            grad_norm = torch.nn.utils.clip_grad_norm_(list(self.parameters()), clip)
+            grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(list(self.parameters()), clip))
             # fp16: the GradScaler itself skips steps with inf gradients (and rescales).
             finite &= self.scaler.is_enabled() or bool(torch.isfinite(grad_norm))
             if finite:
@@ -258,7 +267,7 @@ class Trainer:
         metrics = averager.result(self.env, self.hardware.device)
         if self.skipped_steps:
             metrics["skipped_steps"] = self.skipped_steps
-        return metrics, tokens
+        return metrics, sum_over_ranks(tokens, self.env, self.hardware.device)
 
     def _count_bad(self, finite: bool) -> None:
         if finite:
@@ -353,7 +362,10 @@ class Trainer:
         return named
 
     def save(self) -> None:
-        if not all(bool(torch.isfinite(p).all()) for p in self.parameters()):
+        # Every rank gathers (a sharded model's weights and optimizer state); rank 0 writes.
+        weights = model_state(self.model)
+        trainer_state = self.state_dict()
+        if not broadcast_from_main(self.env.is_main and self._finite(weights), self.env):
             raise TrainingDiverged(
                 f"training diverged: the weights at step {self.step} are not finite, so no "
                 f"checkpoint was written (lower optim.lr or set trainer.grad_clip)"
@@ -368,12 +380,16 @@ class Trainer:
             path = checkpoint_dir(self.run_dir, self.step)
             save_checkpoint(
                 path,
-                model=self.model,
+                weights=weights,
                 modules=self.modules,
-                trainer_state=self.state_dict(),
+                trainer_state=trainer_state,
                 tokenizer=self.tokenizer,
                 meta=meta,
             )
             prune_checkpoints(self.run_dir, self.config.keep_last)
             self.logger.message(f"saved checkpoint {path}")
         barrier(self.env)
+
+    def _finite(self, weights: dict[str, Tensor]) -> bool:
+        modules = (p for m in self.modules.values() for p in m.parameters())
+        return all(bool(torch.isfinite(t).all()) for t in chain(weights.values(), modules))
