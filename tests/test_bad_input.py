@@ -215,6 +215,12 @@ TRAIN_CASES = [
         ["hardware=fsdp", "stage=rm", "data=demo_pref"],
         ["hardware.strategy=fsdp cannot train stage objective 'rm' yet", "use hardware=ddp"],
     ),
+    (
+        "fsdp-muon",
+        ["hardware=fsdp", "optim=muon"],
+        ["hardware.strategy=fsdp gathers AdamW's state only", "optim=adamw"],
+    ),
+    ("muon-lr-zero", ["optim=muon", "optim.muon.lr=0"], ["optim.muon.lr=0"]),
     ("schedule-unknown", ["schedule.name=step"], ["schedule.name='step'"]),
     ("warmup-ratio-over-one", ["schedule.warmup_ratio=1.5"], ["schedule.warmup_ratio=1.5"]),
     ("warmup-longer-than-run", ["schedule.warmup_steps=100"], ["schedule.warmup_steps=100"]),
