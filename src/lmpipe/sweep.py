@@ -36,6 +36,10 @@ class SweepSummary(Callback):
     them as a table sorted by val loss (jobs without one last) and writes ``summary.md`` and
     ``summary.json`` into the sweep directory."""
 
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        # A multirun into an earlier one's sweep dir (a fixed hydra.sweep.dir) starts afresh.
+        (Path(config.hydra.sweep.dir) / JOBS).unlink(missing_ok=True)
+
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
         if config.hydra.mode != RunMode.MULTIRUN:
             return
