@@ -102,3 +102,9 @@ def test_jobs_without_a_val_loss_come_last(tmp_path, capsys):
         "| 3 | 0 | failed | b=1 | d |",
     ]
     assert rows[0] in capsys.readouterr().out
+
+
+def test_a_multirun_into_an_earlier_sweep_dir_starts_its_job_list_afresh(tmp_path):
+    (tmp_path / JOBS).write_text('{"job": 0}\n')
+    SweepSummary().on_multirun_start(OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}}}))
+    assert not (tmp_path / JOBS).exists()
