@@ -215,9 +215,25 @@ def _replace_changed(name: str, run_dir: Path, rerun_changed: bool) -> None:
     shutil.rmtree(run_dir)
 
 
+def _user_search_path() -> list[str]:
+    """``hydra.searchpath=[...]`` for the config directories the command line added
+    (``--config-dir``, ``hydra.searchpath``): the stages find the same configs."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return []
+    added = [
+        f"{source.schema}://{source.path}"
+        for source in HydraConfig.get().runtime.config_sources
+        if source.provider == "command-line" or source.provider.startswith("hydra.searchpath")
+    ]
+    return [f"hydra.searchpath=[{','.join(added)}]"] if added else []
+
+
 def _run_stage(name: str, module: str, args: list[str], record: dict, fingerprint: str) -> dict:
     """Run (or resume) one stage as a ``python -m <module>`` process; its new state record
     (``finished`` false when the process failed: it printed its own error)."""
+    args = [*_user_search_path(), *args]
     print(f"== stage {name}: python -m {module} {' '.join(args)}", flush=True)
     started = time.perf_counter()
     code = subprocess.call([sys.executable, "-m", module, *args])
