@@ -40,7 +40,8 @@ class TransformerConfig:
     pos_emb: str = "rope"
     rope_theta: float = 10000.0
     dropout: float = 0.0
-    bias: bool = False
+    bias: bool = False  # biases on every linear layer and LayerNorm (GPT-2)
+    qkv_bias: bool = False  # biases on the query/key/value projection only (Qwen2)
     tie_embeddings: bool = True
     norm_eps: float = 1e-5
     init_std: float = 0.02
@@ -165,7 +166,9 @@ class Attention(nn.Module):
         self.layer = layer
         self.n_head = config.n_head
         self.dropout = config.dropout
-        self.qkv = nn.Linear(config.d_model, 3 * config.d_model, bias=config.bias)
+        self.qkv = nn.Linear(
+            config.d_model, 3 * config.d_model, bias=config.bias or config.qkv_bias
+        )
         self.proj = nn.Linear(config.d_model, config.d_model, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
 

@@ -38,6 +38,7 @@ FILES = ("model.safetensors", "trainer_state.pt", "tokenizer.json", "tokenizer_c
 MODULES_FILE = "objective.safetensors"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 _SAVE_TMP = re.compile(r"^\.step_\d+\.tmp-\d+$")  # a save in progress, or cut short
+HF_PREFIX = "hf:"  # a checkpoint named hf:<folder> is a Hugging Face model (lmpipe.hf)
 # Tests only: "<checkpoint dir name>:<moment>" makes the writer SIGKILL its own process at
 # that moment of a save (after a file, before or after the rename), so that a kill inside
 # a save is a test case rather than a matter of luck.
@@ -274,7 +275,12 @@ def latest_checkpoint(run_dir: Path, log: Callable[[str], None] = print) -> Chec
 
 
 def resolve_checkpoint(path: str | Path, log: Callable[[str], None] = print) -> Checkpoint:
-    """A checkpoint directory, or a run directory (meaning its newest usable checkpoint)."""
+    """A checkpoint directory, a run directory (meaning its newest usable checkpoint), or
+    ``hf:<folder>``: a Hugging Face model saved with ``save_pretrained`` (``lmpipe.hf``)."""
+    if str(path).startswith(HF_PREFIX):
+        from lmpipe.hf import hf_checkpoint
+
+        return hf_checkpoint(str(path).removeprefix(HF_PREFIX))
     path = Path(path)
     if (path / "meta.json").is_file() or not (path / CHECKPOINT_DIR).is_dir():
         return load_checkpoint(path)

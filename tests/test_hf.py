@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from lmpipe.errors import ConfigError
 from lmpipe.eval import evaluate_checkpoint
-from lmpipe.hf_export import export, to_hf
+from lmpipe.hf import export, to_hf
 from lmpipe.models import build_lm
 from lmpipe.training.checkpoint import load_checkpoint
 
@@ -148,7 +148,7 @@ def test_gpt2_export_uses_exact_gelu():
 def test_a_reward_model_exports_to_a_sequence_classifier_with_the_same_scores(layout):
     """HF pools at each row's last non-pad token, lmpipe at the last response token."""
     from lmpipe.batch import Batch
-    from lmpipe.hf_export import to_hf_reward_model
+    from lmpipe.hf import to_hf_reward_model
     from lmpipe.objectives.reward_model import response_scores, scalar_head
 
     model = sharp_model(**layout)
