@@ -230,3 +230,47 @@ def _save_config(folder: Path, model_type: str, **values) -> None:
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps({"model_type": model_type, **values}))
     save_tokenizer(folder)
+
+
+def test_a_run_started_from_an_hf_folder_resumes(tmp_path, cache_dir):
+    """Its checkpoints record hf:<folder> as their start, and resuming reopens it."""
+    from lmpipe import api
+
+    save_hf_model(tmp_path / "base")
+    args = [
+        *TINY,
+        "stage=sft",
+        f"init_from=hf:{tmp_path / 'base'}",
+        "data=demo_chat",
+        "data.sources.0.num_records=100",
+        "trainer.eval_batches=1",
+        "trainer.save_interval=2",
+        "run_name=sft",
+        f"out_dir={tmp_path / 'runs'}",
+        f"cache_dir={cache_dir}",
+    ]
+    run = api.train([*args, "trainer.max_steps=2"])
+    assert resolve_checkpoint(run).meta["init_checkpoint"] == f"hf:{tmp_path / 'base'}"
+    api.train([*args, "trainer.max_steps=4", "resume=auto"])
+    assert resolve_checkpoint(run).step == 4
+
+
+def test_dpo_starts_from_an_hf_folder_with_it_as_the_reference(tmp_path, cache_dir):
+    from conftest import build_cpu_run
+
+    save_hf_model(tmp_path / "base", "qwen2")
+    run = build_cpu_run(
+        tmp_path / "run",
+        *TINY,
+        "stage=dpo",
+        f"init_from=hf:{tmp_path / 'base'}",
+        "data=demo_pref",
+        "data.sources.0.num_records=60",
+        f"cache_dir={cache_dir}",
+    )
+    policy = run.trainer.model
+    reference = resolve_checkpoint(f"hf:{tmp_path / 'base'}").build_model()
+    assert policy.config == reference.config
+    for name, value in reference.state_dict().items():
+        assert torch.equal(policy.state_dict()[name], value), name
+    assert run.trainer.objective.reference_table or run.trainer.objective.reference is not None

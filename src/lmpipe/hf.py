@@ -30,7 +30,7 @@ from lmpipe.errors import CheckpointError, ConfigError
 from lmpipe.models import LM
 from lmpipe.models.ar import ARLM
 from lmpipe.models.transformer import TransformerConfig
-from lmpipe.training.checkpoint import Checkpoint
+from lmpipe.training.checkpoint import HF_PREFIX, Checkpoint
 
 if TYPE_CHECKING:
     from lmpipe.data.tokenizer import Tokenizer
@@ -308,6 +308,10 @@ class HFCheckpoint(Checkpoint):
 
     def tokenizer(self) -> Tokenizer:
         return self.hf_tokenizer
+
+    @property
+    def reference(self) -> str:
+        return f"{HF_PREFIX}{self.path}"
 
 
 def hf_checkpoint(folder: str | Path) -> HFCheckpoint:

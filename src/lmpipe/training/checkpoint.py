@@ -132,6 +132,11 @@ class Checkpoint:
     def step(self) -> int:
         return int(self.meta["global_step"])
 
+    @property
+    def reference(self) -> str:
+        """What ``resolve_checkpoint`` opens it from again (recorded by the runs it starts)."""
+        return str(self.path)
+
     def load_weights(self, model: nn.Module) -> None:
         """Load the weights into ``model`` (tied weights are stored once and re-shared)."""
         try:
@@ -186,11 +191,16 @@ class Checkpoint:
         recorded = self.meta.get(key)
         if not recorded:
             return None
-        path = Path(str(recorded)).resolve()
-        if any(path.is_relative_to(Path(root).resolve()) for root in roots):
+        path = _folder(recorded).resolve()
+        if any(path.is_relative_to(_folder(root).resolve()) for root in roots):
             return path
         where = " or ".join(str(root) for root in roots)
         raise CheckpointError(f"{self.path}: meta.json's {key}={recorded} lies outside {where}")
+
+
+def _folder(reference: str | Path) -> Path:
+    """The directory a checkpoint reference names (an HF folder without its ``hf:``)."""
+    return Path(str(reference).removeprefix(HF_PREFIX))
 
 
 def _check_meta(meta, meta_path: Path) -> None:
