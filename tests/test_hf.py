@@ -23,6 +23,7 @@ GPT2 = {"mlp": "gelu", "norm": "layernorm", "pos_emb": "learned"}
 LAYOUTS = {
     "llama": LLAMA,
     "llama-bias-untied": {**LLAMA, "bias": True, "tie_embeddings": False},
+    "qwen2": {**LLAMA, "qkv_bias": True},
     "gpt2-bias": {**GPT2, "bias": True},
     "gpt2-no-bias": GPT2,
 }
@@ -44,7 +45,9 @@ def sharp_model(arch="ar", **layout):
 def test_hf_model_computes_the_same_logits(layout):
     model = sharp_model(**layout)
     hf = to_hf(model)
-    expected = "LlamaForCausalLM" if layout["norm"] == "rmsnorm" else "GPT2LMHeadModel"
+    expected = "GPT2LMHeadModel" if layout["norm"] == "layernorm" else "LlamaForCausalLM"
+    if layout.get("qkv_bias"):
+        expected = "Qwen2ForCausalLM"
     assert type(hf).__name__ == expected
     ids = torch.randint(0, 41, (3, 24))
     with torch.no_grad():

@@ -122,9 +122,8 @@ class Family:
     names: dict[str, str]
     fixed: dict[str, object]
     pieces: Callable[[int], list[Piece]]
-    biases: Callable[[TransformerConfig], dict[str, bool]]  # HF bias keys for a config
-    # Our bias settings for HF bias keys (None: not representable)
-    bias_from: Callable[[dict], dict[str, bool] | None]
+    biases: Callable[[TransformerConfig], dict[str, bool]]  # its bias keys, for our config
+    bias_from: Callable[[dict], dict[str, bool] | None]  # ours for its config (None: can't)
     export_only: dict[str, object] = field(default_factory=dict)
 
 
@@ -142,34 +141,34 @@ FAMILIES = {
     f.model_type: f
     for f in (
         Family(
-            "llama",
-            "LlamaForCausalLM",
-            LLAMA,
-            _LLAMA_NAMES,
-            {"hidden_act": "silu"},
-            _llama_pieces,
-            lambda c: {"attention_bias": c.bias, "mlp_bias": c.bias},
-            lambda hf: (
+            model_type="llama",
+            model_class="LlamaForCausalLM",
+            layout=LLAMA,
+            names=_LLAMA_NAMES,
+            fixed={"hidden_act": "silu"},
+            pieces=_llama_pieces,
+            biases=lambda c: {"attention_bias": c.bias, "mlp_bias": c.bias},
+            bias_from=lambda hf: (
                 {"bias": hf["attention_bias"], "qkv_bias": False}
                 if hf.get("attention_bias", False) == hf.get("mlp_bias", False)
                 else None
             ),
         ),
         Family(
-            "qwen2",
-            "Qwen2ForCausalLM",
-            LLAMA,
-            _LLAMA_NAMES,
-            {"hidden_act": "silu", "use_sliding_window": False},
-            _llama_pieces,
-            lambda c: {},
-            lambda hf: {"bias": False, "qkv_bias": True},
+            model_type="qwen2",
+            model_class="Qwen2ForCausalLM",
+            layout=LLAMA,
+            names=_LLAMA_NAMES,
+            fixed={"hidden_act": "silu", "use_sliding_window": False},
+            pieces=_llama_pieces,
+            biases=lambda c: {},  # q/k/v always, nothing else
+            bias_from=lambda hf: {"bias": False, "qkv_bias": True},
         ),
         Family(
-            "gpt2",
-            "GPT2LMHeadModel",
-            GPT2,
-            {
+            model_type="gpt2",
+            model_class="GPT2LMHeadModel",
+            layout=GPT2,
+            names={
                 "vocab_size": "vocab_size",
                 "n_embd": "d_model",
                 "n_inner": "d_ff",
@@ -179,15 +178,15 @@ FAMILIES = {
                 "layer_norm_epsilon": "norm_eps",
                 "tie_word_embeddings": "tie_embeddings",
             },
-            {
+            fixed={
                 "activation_function": "gelu",
                 "scale_attn_weights": True,
                 "scale_attn_by_inverse_layer_idx": False,
                 "add_cross_attention": False,
             },
-            _gpt2_pieces,
-            lambda c: {},
-            lambda hf: {"bias": True, "qkv_bias": False},
+            pieces=_gpt2_pieces,
+            biases=lambda c: {},  # everywhere (zeros where lmpipe has none)
+            bias_from=lambda hf: {"bias": True, "qkv_bias": False},
             export_only={"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0},
         ),
     )
@@ -218,8 +217,10 @@ def to_hf(model: LM):
         )
     config = model.config
     family = _family_of(config)
-    values = {hf: getattr(config, ours) for hf, ours in family.names.items()}
-    values[_key(family, "d_ff")] = config.hidden_dim
+    values = {
+        hf: config.hidden_dim if ours == "d_ff" else getattr(config, ours)
+        for hf, ours in family.names.items()
+    }
     if family.layout == LLAMA:
         values |= {"num_key_value_heads": config.n_head, "rope_theta": config.rope_theta}
     ids = model.special_ids
@@ -240,7 +241,9 @@ def to_hf(model: LM):
     for piece in family.pieces(config.n_layer):
         if piece.hf in expected:  # absent from ours: a bias GPT-2 has and we do not
             weights[piece.hf] = (
-                piece.to_hf(ours[piece.ours]) if piece.ours in ours else expected[piece.hf] * 0
+                piece.to_hf(ours[piece.ours])
+                if piece.ours in ours
+                else torch.zeros_like(expected[piece.hf])
             )
         else:
             assert piece.ours not in ours, f"{piece.ours} has no place in {family.model_class}"
@@ -248,10 +251,6 @@ def to_hf(model: LM):
     if config.tie_embeddings:
         hf.tie_weights()
     return hf.eval()
-
-
-def _key(family: Family, ours: str) -> str:
-    return next(hf for hf, name in family.names.items() if name == ours)
 
 
 def to_hf_reward_model(model: LM, head: nn.Linear):
@@ -331,9 +330,9 @@ def hf_checkpoint(folder: str | Path) -> HFCheckpoint:
             f"{path}: model_type={hf_config.get('model_type')!r} cannot be imported "
             f"(lmpipe's transformer has the layouts of {', '.join(FAMILIES)})"
         )
-    tokenizer = Tokenizer.load(path)
     config = _transformer_config(family, hf_config, path)
     state = _our_weights(family, config, _read_weights(path), path)
+    tokenizer = Tokenizer.load(path)
     if tokenizer.vocab_size > config.vocab_size:
         config = TransformerConfig.from_dict(
             config.to_dict() | {"vocab_size": tokenizer.vocab_size}
