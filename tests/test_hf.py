@@ -26,6 +26,7 @@ LAYOUTS = {
     "qwen2": {**LLAMA, "qkv_bias": True},
     "gpt2-bias": {**GPT2, "bias": True},
     "gpt2-no-bias": GPT2,
+    "gpt2-tanh-gelu": {**GPT2, "bias": True, "mlp": "gelu_tanh"},
 }
 
 

@@ -44,6 +44,7 @@ CONFIGS = {
         },
     ),
 }
+CONFIGS["gpt2-tanh"] = ("GPT2Config", {**CONFIGS["gpt2"][1], "activation_function": "gelu_new"})
 
 
 def save_tokenizer(folder: Path) -> None:
@@ -119,7 +120,8 @@ UNSUPPORTED = {
         {"use_sliding_window": True, "sliding_window": 8, "max_window_layers": 1},
         "use_sliding_window=True",
     ),
-    "gelu-tanh": ("gpt2", {"activation_function": "gelu_new"}, "activation_function='gelu_new'"),
+    "relu": ("gpt2", {"activation_function": "relu"}, "activation_function='relu'"),
+    "gelu-llama": ("llama", {"hidden_act": "gelu"}, "hidden_act='gelu'"),
 }
 
 

@@ -7,8 +7,8 @@ reward model (its scalar head) in ...ForSequenceClassification. In (``hf_checkpo
 model.safetensors, tokenizer.json) as a starting checkpoint for any stage.
 
 The backbone's rmsnorm/rope/swiglu layout is Llama's (Qwen2's: with q/k/v biases alone)
-and its layernorm/learned/gelu layout is GPT-2's (exact erf GELU, not GPT-2's default tanh
-approximation). lmpipe fuses the q/k/v projections into one ``qkv`` and the SwiGLU gate
+and its layernorm/learned/gelu layout is GPT-2's (``mlp=gelu`` is the exact erf GELU, HF's
+``gelu``; ``mlp=gelu_tanh`` GPT-2's default tanh approximation, HF's ``gelu_new``). lmpipe fuses the q/k/v projections into one ``qkv`` and the SwiGLU gate
 and value into one ``up``; HF keeps them apart. GPT-2's Conv1D stores weights as (in, out),
 the transpose of ``nn.Linear``, and always has biases: a model without them exports zero
 biases. Each family's names (config keys and weights) are written once, in ``Family``,
@@ -35,8 +35,8 @@ from lmpipe.training.checkpoint import HF_PREFIX, Checkpoint
 if TYPE_CHECKING:
     from lmpipe.data.tokenizer import Tokenizer
 
-LLAMA = ("rmsnorm", "rope", "swiglu")
-GPT2 = ("layernorm", "learned", "gelu")
+LLAMA = ("rmsnorm", "rope")  # norm, pos_emb
+GPT2 = ("layernorm", "learned")
 # Buffers some HF checkpoints carry besides the weights (GPT-2's causal mask, old RoPE
 # frequencies): recomputed by lmpipe, so skipped on import.
 BUFFERS = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq")
@@ -113,12 +113,15 @@ def _gpt2_pieces(n_layer: int) -> list[Piece]:
 @dataclass(frozen=True)
 class Family:
     """An HF model family lmpipe's transformer can be: its config keys (HF name ->
-    ``TransformerConfig`` field), the HF values it must have (written on export, required
-    on import), its biases, and its weight names."""
+    ``TransformerConfig`` field), its activations (HF value of ``activation`` -> our
+    ``mlp``; export writes the first), the HF values it must have (written on export,
+    required on import), its biases, and its weight names."""
 
     model_type: str
     model_class: str
-    layout: tuple[str, str, str]
+    layout: tuple[str, str]
+    activation: str
+    activations: dict[str, str]
     names: dict[str, str]
     fixed: dict[str, object]
     pieces: Callable[[int], list[Piece]]
@@ -144,8 +147,10 @@ FAMILIES = {
             model_type="llama",
             model_class="LlamaForCausalLM",
             layout=LLAMA,
+            activation="hidden_act",
+            activations={"silu": "swiglu"},
             names=_LLAMA_NAMES,
-            fixed={"hidden_act": "silu"},
+            fixed={},
             pieces=_llama_pieces,
             biases=lambda c: {"attention_bias": c.bias, "mlp_bias": c.bias},
             bias_from=lambda hf: (
@@ -158,8 +163,10 @@ FAMILIES = {
             model_type="qwen2",
             model_class="Qwen2ForCausalLM",
             layout=LLAMA,
+            activation="hidden_act",
+            activations={"silu": "swiglu"},
             names=_LLAMA_NAMES,
-            fixed={"hidden_act": "silu", "use_sliding_window": False},
+            fixed={"use_sliding_window": False},
             pieces=_llama_pieces,
             biases=lambda c: {},  # q/k/v always, nothing else
             bias_from=lambda hf: {"bias": False, "qkv_bias": True},
@@ -168,6 +175,8 @@ FAMILIES = {
             model_type="gpt2",
             model_class="GPT2LMHeadModel",
             layout=GPT2,
+            activation="activation_function",
+            activations={"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"},
             names={
                 "vocab_size": "vocab_size",
                 "n_embd": "d_model",
@@ -179,7 +188,6 @@ FAMILIES = {
                 "tie_word_embeddings": "tie_embeddings",
             },
             fixed={
-                "activation_function": "gelu",
                 "scale_attn_weights": True,
                 "scale_attn_by_inverse_layer_idx": False,
                 "add_cross_attention": False,
@@ -194,15 +202,14 @@ FAMILIES = {
 
 
 def _family_of(config: TransformerConfig) -> Family:
-    layout = (config.norm, config.pos_emb, config.mlp)
-    if layout == LLAMA:
-        return FAMILIES["qwen2" if config.qkv_bias and not config.bias else "llama"]
-    if layout == GPT2:
-        return FAMILIES["gpt2"]
+    layout = (config.norm, config.pos_emb)
+    name = "qwen2" if config.qkv_bias and not config.bias else "llama"
+    for family in (FAMILIES[name], FAMILIES["gpt2"]):
+        if layout == family.layout and config.mlp in family.activations.values():
+            return family
     raise ConfigError(
-        "no HF model has the layout norm={}, pos_emb={}, mlp={} (Llama: {}; GPT-2: {})".format(
-            *layout, "/".join(LLAMA), "/".join(GPT2)
-        )
+        f"no HF model has the layout norm={config.norm}, pos_emb={config.pos_emb}, "
+        f"mlp={config.mlp} (Llama: rmsnorm/rope/swiglu; GPT-2: layernorm/learned/gelu)"
     )
 
 
@@ -221,6 +228,9 @@ def to_hf(model: LM):
         hf: config.hidden_dim if ours == "d_ff" else getattr(config, ours)
         for hf, ours in family.names.items()
     }
+    values[family.activation] = next(
+        hf for hf, ours in family.activations.items() if ours == config.mlp
+    )
     if family.layout == LLAMA:
         values |= {"num_key_value_heads": config.n_head, "rope_theta": config.rope_theta}
     ids = model.special_ids
@@ -396,7 +406,10 @@ def _transformer_config(family: Family, hf: dict, path: Path) -> TransformerConf
         if any(kind != "full_attention" for kind in hf.get("layer_types") or []):
             refuse(f"sliding-window attention (layer_types={sorted(set(hf['layer_types']))})")
         values["rope_theta"] = float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
-    norm, pos_emb, mlp = family.layout
+    mlp = family.activations.get(hf.get(family.activation))
+    if mlp is None:
+        refuse(f"{family.activation}={hf.get(family.activation)!r}")
+    norm, pos_emb = family.layout
     return TransformerConfig(norm=norm, pos_emb=pos_emb, mlp=mlp, **values, **biases)
 
 

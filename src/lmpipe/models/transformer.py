@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from lmpipe.errors import ConfigError
 from lmpipe.models.segments import PackedSegments, segment_positions
 
-MLP_KINDS = ("swiglu", "gelu")
+MLP_KINDS = ("swiglu", "gelu", "gelu_tanh")  # gelu_tanh: GPT-2's tanh approximation
 NORM_KINDS = ("rmsnorm", "layernorm")
 POS_EMB_KINDS = ("rope", "learned")
 
@@ -79,7 +79,7 @@ class TransformerConfig:
     def hidden_dim(self) -> int:
         if self.d_ff:
             return self.d_ff
-        if self.mlp == "gelu":
+        if self.mlp != "swiglu":
             return 4 * self.d_model
         return 32 * math.ceil(8 * self.d_model / 3 / 32)
 
@@ -234,6 +234,7 @@ class MLP(nn.Module):
         super().__init__()
         hidden = config.hidden_dim
         self.gated = config.mlp == "swiglu"
+        self.approximate = "tanh" if config.mlp == "gelu_tanh" else "none"
         self.up = nn.Linear(config.d_model, 2 * hidden if self.gated else hidden, bias=config.bias)
         self.down = nn.Linear(hidden, config.d_model, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
@@ -244,7 +245,8 @@ class MLP(nn.Module):
             gate, value = h.chunk(2, dim=-1)
             h = F.silu(gate) * value
         else:
-            h = F.gelu(h)  # exact (erf) GELU, as nanoGPT; the tanh form is slow on CPU
+            # exact (erf) GELU, as nanoGPT; the tanh form (GPT-2's) is slow on CPU
+            h = F.gelu(h, approximate=self.approximate)
         return self.dropout(self.down(h))
 
 
