@@ -100,6 +100,26 @@ def test_an_hf_model_imports_and_exports_with_the_same_logits(tmp_path, name):
     assert type(to_hf(model)).__name__ == type(hf).__name__
 
 
+def test_sharded_weights_and_weights_of_the_bare_model_import(tmp_path):
+    """An index of several safetensors files; names without the ``transformer.`` prefix
+    (as the original GPT-2 checkpoint has them)."""
+    from safetensors.torch import load_file, save_file
+
+    hf = save_hf_model(tmp_path / "sharded", "llama")
+    hf.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+    assert len(list((tmp_path / "sharded").glob("model-*.safetensors"))) > 1
+    gpt2 = save_hf_model(tmp_path / "bare", "gpt2")
+    file = tmp_path / "bare" / "model.safetensors"
+    save_file({k.removeprefix("transformer."): v for k, v in load_file(file).items()}, file)
+    ids = torch.randint(0, VOCAB, (2, 12))
+    for folder, model in (("sharded", hf), ("bare", gpt2)):
+        ours = resolve_checkpoint(f"hf:{tmp_path / folder}").build_model()
+        with torch.no_grad():
+            expected = model(input_ids=ids).logits
+            logits = ours.backbone(ids, causal=True)[..., :VOCAB]
+        torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
+
+
 def test_qwen2_biases_are_on_qkv_only(tmp_path):
     save_hf_model(tmp_path / "qwen2", "qwen2")
     config = resolve_checkpoint(f"hf:{tmp_path / 'qwen2'}").build_model().config

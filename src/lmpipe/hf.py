@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
+from lmpipe.cli import one_line
 from lmpipe.errors import CheckpointError, ConfigError
 from lmpipe.models import LM
 from lmpipe.models.ar import ARLM
@@ -374,7 +375,10 @@ def _read_config(path: Path) -> dict:
         return raw
     from transformers import AutoConfig
 
-    return AutoConfig.for_model(**raw).to_dict()
+    try:
+        return AutoConfig.for_model(**raw).to_dict()
+    except Exception as exc:  # transformers' checks raise several types
+        raise CheckpointError(f"{file}: {one_line(exc)}") from None
 
 
 def _transformer_config(family: Family, hf: dict, path: Path) -> TransformerConfig:
