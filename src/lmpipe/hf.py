@@ -339,7 +339,7 @@ def hf_checkpoint(folder: str | Path) -> HFCheckpoint:
     if family is None:
         raise CheckpointError(
             f"{path}: model_type={hf_config.get('model_type')!r} cannot be imported "
-            f"(lmpipe's transformer has the layouts of {', '.join(FAMILIES)})"
+            f"(lmpipe imports {', '.join(FAMILIES)})"
         )
     config = _transformer_config(family, hf_config, path)
     state = _our_weights(family, config, _read_weights(path), path)
