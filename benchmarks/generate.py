@@ -2,7 +2,7 @@
 lmpipe's masked-diffusion samplers on a model of the same dimensions.
 
 One random AR model of the dimensions of ``conf/model/<preset>.yaml`` (Llama layout:
-RMSNorm, RoPE, SwiGLU) and its export to ``LlamaForCausalLM`` (``lmpipe.hf_export``)
+RMSNorm, RoPE, SwiGLU) and its export to ``LlamaForCausalLM`` (``lmpipe.hf``)
 generate greedily from the same prompts: a fixed number of new tokens (no EOS on either
 side), at batch 1 and batch 8. Generations alternate in chunks within one process; each
 round gives a ratio, the table shows their median and range. Also reports whether the AR
@@ -24,7 +24,7 @@ import argparse
 import torch
 
 from lmpipe.config import group_option
-from lmpipe.hf_export import to_hf
+from lmpipe.hf import to_hf
 from lmpipe.models import build_lm
 
 from _common import interleaved_times, median, print_table

@@ -51,7 +51,7 @@ import torch
 
 from lmpipe.data.prompts import read_prompts
 from lmpipe.data.samplers import PromptOptions, PromptSampler
-from lmpipe.hf_export import to_hf_reward_model
+from lmpipe.hf import to_hf_reward_model
 from lmpipe.objectives.base import ObjectiveContext
 from lmpipe.objectives.ppo import PPO
 from lmpipe.objectives.reward_model import HEAD, LearnedReward, scalar_head

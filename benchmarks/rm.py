@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 
 from lmpipe.data.samplers import EpisodeOptions, Episodes, EpisodeSampler
-from lmpipe.hf_export import to_hf_reward_model
+from lmpipe.hf import to_hf_reward_model
 from lmpipe.objectives.base import ObjectiveContext
 from lmpipe.objectives.reward_model import RewardModel, response_end
 from sft import (

@@ -62,7 +62,7 @@ from lmpipe.batch import Batch
 from lmpipe.config import group_option
 from lmpipe.data.prepare import PreparedData, prepare
 from lmpipe.data.samplers import EpisodeOptions, Episodes, EpisodeSampler
-from lmpipe.hf_export import to_hf
+from lmpipe.hf import to_hf
 from lmpipe.models import LM, build_lm
 from lmpipe.objectives import Objective
 from lmpipe.objectives.sft import MaskedSFT

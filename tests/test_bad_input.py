@@ -235,6 +235,20 @@ TRAIN_CASES = [
     ("dpo-without-init", ["stage=dpo"], ["pass init_from="]),
     ("resume-missing", ["resume=/no/such/checkpoint"], ["resume='/no/such/checkpoint'"]),
     ("init-from-missing", ["init_from=/no/such/run"], ["checkpoint not found: /no/such/run"]),
+    ("init-from-hf-missing", ["init_from=hf:/no/such/model"], ["HF model folder not found"]),
+    (
+        "init-from-hf-without-config",
+        lambda w: [f"init_from=hf:{w.file('empty/x.txt', 'x').parent}"],
+        ["has no config.json (not a save_pretrained folder)"],
+    ),
+    (
+        "init-from-hf-bert",
+        lambda w: [
+            "init_from=hf:"
+            + str(w.file("bert/config.json", json.dumps({"model_type": "bert"})).parent)
+        ],
+        ["model_type='bert' cannot be imported"],
+    ),
     (
         "init-from-not-a-checkpoint",
         lambda w: [f"init_from={w.file('x.txt', 'x').parent}"],

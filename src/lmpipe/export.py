@@ -2,7 +2,7 @@
 
 The folder loads with ``AutoModelForCausalLM.from_pretrained`` and
 ``AutoTokenizer.from_pretrained`` (Llama or GPT-2 by the model's layout; see
-``lmpipe.hf_export``); a reward model (``stage=rm``) with
+``lmpipe.hf``); a reward model (``stage=rm``) with
 ``AutoModelForSequenceClassification``.
 """
 
@@ -19,7 +19,7 @@ from lmpipe.cli import run, user_errors
 @hydra.main(config_path="conf", config_name="export", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     with user_errors("lmpipe.export"):
-        from lmpipe.hf_export import export
+        from lmpipe.hf import export
         from lmpipe.objectives.reward_model import reward_head
         from lmpipe.training.checkpoint import resolve_checkpoint
 

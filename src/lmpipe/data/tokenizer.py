@@ -45,6 +45,7 @@ BUILTIN_CHAT_TEMPLATE = (
     "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
 )
 CONFIG_FILE = "tokenizer_config.json"
+TEMPLATE_FILE = "chat_template.jinja"
 
 
 class Tokenizer:
@@ -137,9 +138,11 @@ class Tokenizer:
                 config = json.loads(config_path.read_text())
             except json.JSONDecodeError as exc:
                 raise DataError(f"{config_path}: invalid JSON ({exc.msg})") from None
+        template = file.with_name(TEMPLATE_FILE)  # where transformers 5 saves it
         return cls(
             backend,
-            _template_text(config.get("chat_template")),
+            _template_text(config.get("chat_template"))
+            or (template.read_text() if template.is_file() else None),
             _token_text(config.get("bos_token")),
             _token_text(config.get("eos_token")),
         )

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from lmpipe.errors import ConfigError
 from lmpipe.models.segments import PackedSegments, segment_positions
 
-MLP_KINDS = ("swiglu", "gelu")
+MLP_KINDS = ("swiglu", "gelu", "gelu_tanh")  # gelu_tanh: GPT-2's tanh approximation
 NORM_KINDS = ("rmsnorm", "layernorm")
 POS_EMB_KINDS = ("rope", "learned")
 
@@ -40,7 +40,8 @@ class TransformerConfig:
     pos_emb: str = "rope"
     rope_theta: float = 10000.0
     dropout: float = 0.0
-    bias: bool = False
+    bias: bool = False  # biases on every linear layer and LayerNorm (GPT-2)
+    qkv_bias: bool = False  # biases on the query/key/value projection only (Qwen2)
     tie_embeddings: bool = True
     norm_eps: float = 1e-5
     init_std: float = 0.02
@@ -78,7 +79,7 @@ class TransformerConfig:
     def hidden_dim(self) -> int:
         if self.d_ff:
             return self.d_ff
-        if self.mlp == "gelu":
+        if self.mlp != "swiglu":
             return 4 * self.d_model
         return 32 * math.ceil(8 * self.d_model / 3 / 32)
 
@@ -165,7 +166,9 @@ class Attention(nn.Module):
         self.layer = layer
         self.n_head = config.n_head
         self.dropout = config.dropout
-        self.qkv = nn.Linear(config.d_model, 3 * config.d_model, bias=config.bias)
+        self.qkv = nn.Linear(
+            config.d_model, 3 * config.d_model, bias=config.bias or config.qkv_bias
+        )
         self.proj = nn.Linear(config.d_model, config.d_model, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
 
@@ -231,6 +234,7 @@ class MLP(nn.Module):
         super().__init__()
         hidden = config.hidden_dim
         self.gated = config.mlp == "swiglu"
+        self.approximate = "tanh" if config.mlp == "gelu_tanh" else "none"
         self.up = nn.Linear(config.d_model, 2 * hidden if self.gated else hidden, bias=config.bias)
         self.down = nn.Linear(hidden, config.d_model, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
@@ -241,7 +245,8 @@ class MLP(nn.Module):
             gate, value = h.chunk(2, dim=-1)
             h = F.silu(gate) * value
         else:
-            h = F.gelu(h)  # exact (erf) GELU, as nanoGPT; the tanh form is slow on CPU
+            # exact (erf) GELU, as nanoGPT; the tanh form (GPT-2's) is slow on CPU
+            h = F.gelu(h, approximate=self.approximate)
         return self.dropout(self.down(h))
 
 

@@ -38,6 +38,7 @@ FILES = ("model.safetensors", "trainer_state.pt", "tokenizer.json", "tokenizer_c
 MODULES_FILE = "objective.safetensors"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 _SAVE_TMP = re.compile(r"^\.step_\d+\.tmp-\d+$")  # a save in progress, or cut short
+HF_PREFIX = "hf:"  # a checkpoint named hf:<folder> is a Hugging Face model (lmpipe.hf)
 # Tests only: "<checkpoint dir name>:<moment>" makes the writer SIGKILL its own process at
 # that moment of a save (after a file, before or after the rename), so that a kill inside
 # a save is a test case rather than a matter of luck.
@@ -148,6 +149,11 @@ class Checkpoint:
     def step(self) -> int:
         return int(self.meta["global_step"])
 
+    @property
+    def reference(self) -> str:
+        """What ``resolve_checkpoint`` opens it from again (recorded by the runs it starts)."""
+        return str(self.path)
+
     def load_weights(self, model: nn.Module) -> None:
         """Load the weights into ``model`` (tied weights are stored once and re-shared)."""
         try:
@@ -202,11 +208,16 @@ class Checkpoint:
         recorded = self.meta.get(key)
         if not recorded:
             return None
-        path = Path(str(recorded)).resolve()
-        if any(path.is_relative_to(Path(root).resolve()) for root in roots):
+        path = _folder(recorded).resolve()
+        if any(path.is_relative_to(_folder(root).resolve()) for root in roots):
             return path
         where = " or ".join(str(root) for root in roots)
         raise CheckpointError(f"{self.path}: meta.json's {key}={recorded} lies outside {where}")
+
+
+def _folder(reference: str | Path) -> Path:
+    """The directory a checkpoint reference names (an HF folder without its ``hf:``)."""
+    return Path(str(reference).removeprefix(HF_PREFIX))
 
 
 def _check_meta(meta, meta_path: Path) -> None:
@@ -291,7 +302,12 @@ def latest_checkpoint(run_dir: Path, log: Callable[[str], None] = print) -> Chec
 
 
 def resolve_checkpoint(path: str | Path, log: Callable[[str], None] = print) -> Checkpoint:
-    """A checkpoint directory, or a run directory (meaning its newest usable checkpoint)."""
+    """A checkpoint directory, a run directory (meaning its newest usable checkpoint), or
+    ``hf:<folder>``: a Hugging Face model saved with ``save_pretrained`` (``lmpipe.hf``)."""
+    if str(path).startswith(HF_PREFIX):
+        from lmpipe.hf import hf_checkpoint
+
+        return hf_checkpoint(str(path).removeprefix(HF_PREFIX))
     path = Path(path)
     if (path / "meta.json").is_file() or not (path / CHECKPOINT_DIR).is_dir():
         return load_checkpoint(path)

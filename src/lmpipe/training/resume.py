@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from lmpipe.config import resume_mode
 from lmpipe.errors import ConfigError
 from lmpipe.training.checkpoint import (
+    HF_PREFIX,
     Checkpoint,
     latest_checkpoint,
     list_checkpoints,
@@ -121,7 +122,11 @@ def starting_checkpoint(checkpoint: Checkpoint, cfg: DictConfig) -> Checkpoint |
     its meta.json names it: only inside ``out_dir`` or the ``init_from`` given now."""
     roots = [cfg.out_dir, *([cfg.init_from] if cfg.init_from else [])]
     path = checkpoint.path_in_meta("init_checkpoint", *roots)
-    return load_checkpoint(path) if path is not None else None
+    if path is None:
+        return None
+    if str(checkpoint.meta["init_checkpoint"]).startswith(HF_PREFIX):
+        return resolve_checkpoint(f"{HF_PREFIX}{path}")
+    return load_checkpoint(path)
 
 
 def numerics(hardware: Hardware) -> dict:

@@ -165,7 +165,7 @@ def build_run(cfg: DictConfig, run_dir: Path, hardware: Hardware, env: DistEnv) 
         "data_manifest_hash": data.manifest_hash,
         "data_dir": str(data.directory),
         "forgetting_data_dir": earlier_data,
-        "init_checkpoint": str(init_from.path) if init_from is not None else None,
+        "init_checkpoint": init_from.reference if init_from is not None else None,
         "numerics": numerics(hardware),
         "lmpipe_version": __version__,
     }

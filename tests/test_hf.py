@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from lmpipe.errors import ConfigError
 from lmpipe.eval import evaluate_checkpoint
-from lmpipe.hf_export import export, to_hf
+from lmpipe.hf import export, to_hf
 from lmpipe.models import build_lm
 from lmpipe.training.checkpoint import load_checkpoint
 
@@ -23,8 +23,10 @@ GPT2 = {"mlp": "gelu", "norm": "layernorm", "pos_emb": "learned"}
 LAYOUTS = {
     "llama": LLAMA,
     "llama-bias-untied": {**LLAMA, "bias": True, "tie_embeddings": False},
+    "qwen2": {**LLAMA, "qkv_bias": True},
     "gpt2-bias": {**GPT2, "bias": True},
     "gpt2-no-bias": GPT2,
+    "gpt2-tanh-gelu": {**GPT2, "bias": True, "mlp": "gelu_tanh"},
 }
 
 
@@ -44,7 +46,9 @@ def sharp_model(arch="ar", **layout):
 def test_hf_model_computes_the_same_logits(layout):
     model = sharp_model(**layout)
     hf = to_hf(model)
-    expected = "LlamaForCausalLM" if layout["norm"] == "rmsnorm" else "GPT2LMHeadModel"
+    expected = "GPT2LMHeadModel" if layout["norm"] == "layernorm" else "LlamaForCausalLM"
+    if layout.get("qkv_bias"):
+        expected = "Qwen2ForCausalLM"
     assert type(hf).__name__ == expected
     ids = torch.randint(0, 41, (3, 24))
     with torch.no_grad():
@@ -148,7 +152,7 @@ def test_gpt2_export_uses_exact_gelu():
 def test_a_reward_model_exports_to_a_sequence_classifier_with_the_same_scores(layout):
     """HF pools at each row's last non-pad token, lmpipe at the last response token."""
     from lmpipe.batch import Batch
-    from lmpipe.hf_export import to_hf_reward_model
+    from lmpipe.hf import to_hf_reward_model
     from lmpipe.objectives.reward_model import response_scores, scalar_head
 
     model = sharp_model(**layout)
