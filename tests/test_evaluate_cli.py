@@ -4,6 +4,7 @@ user runs them (subprocesses), on a run trained by the CLI."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -73,7 +74,7 @@ def test_two_checkpoints_give_one_table_with_the_shared_names(lmpipe, run_dir, c
 
 
 def test_data_names_a_mixture_from_conf(lmpipe, run_dir, cache_dir, tmp_path):
-    lmpipe(
+    proc = lmpipe(
         "evaluate",
         f"checkpoint={run_dir}",
         "data=demo_pref",
@@ -82,7 +83,14 @@ def test_data_names_a_mixture_from_conf(lmpipe, run_dir, cache_dir, tmp_path):
         "eval.metrics=[task]",
         *QUICK,
     )
-    saved = json.loads((tmp_path / "results.json").read_text())
+    # By default the results go into the run directory (not the working directory), and
+    # the command says where.
+    assert list(tmp_path.iterdir()) == []
+    output = re.search(r"^wrote (\S+results\.json), (\S+results\.md)$", proc.stderr, re.M)
+    assert output, proc.stderr
+    assert Path(output.group(1)).parent.parent == run_dir.resolve() / "eval"
+    saved = json.loads(Path(output.group(1)).read_text())
+    assert "| metric | base@20 |" in Path(output.group(2)).read_text()
     (results,) = saved["results"].values()
     assert set(results) == {
         "task/answer_accuracy",
@@ -197,7 +205,8 @@ def test_base_sft_and_dpo_side_by_side(lmpipe, tmp_path, cache_dir, arch):
         "eval.num_samples=100",
         "eval.max_new_tokens=32",
     )
-    saved = json.loads((tmp_path / "results.json").read_text())
+    (results,) = (out / "eval").glob("*/results.json")  # beside the runs: in out_dir
+    saved = json.loads(results.read_text())
     assert [d["stage"] for d in saved["checkpoints"].values()] == ["pretrain", "sft", "dpo"]
     for results in saved["results"].values():
         assert set(results) == set(METRIC_NAMES)
