@@ -120,15 +120,18 @@ def test_bad_input_is_one_clear_line(lmpipe, run_dir, tmp_path, problem):
     assert not (tmp_path / "results.json").exists()
 
 
-def test_generate_in_chat_mode_prints_the_greedy_reply(lmpipe, run_dir):
-    question = "What is 2 plus 3?"
+@pytest.mark.parametrize("prompt", ['prompt="What is 2 plus 3, Bob?"', "prompt=-"])
+def test_generate_in_chat_mode_prints_the_greedy_reply(lmpipe, run_dir, prompt):
+    """A prompt with a comma: quoted inside the override, or piped in (``prompt=-``)."""
+    question = "What is 2 plus 3, Bob?"
     proc = lmpipe(
         "generate",
         f"checkpoint={run_dir}",
         "chat=true",
-        f"prompt={question}",
+        prompt,
         "temperature=0",
         "max_new_tokens=12",
+        stdin=question + "\n",  # with the newline echo adds
     )
     checkpoint = resolve_checkpoint(run_dir)
     tokenizer = checkpoint.tokenizer()
@@ -143,6 +146,25 @@ def test_generate_in_chat_mode_prints_the_greedy_reply(lmpipe, run_dir):
         progress=False,
     )
     assert proc.stdout == tokenizer.decode(reply) + "\n"
+
+
+def test_a_prompt_with_a_comma_unquoted_says_how_to_quote_it(lmpipe, run_dir):
+    proc = lmpipe("generate", f"checkpoint={run_dir}", "prompt=What is 2 plus 3, Bob?", check=False)
+    assert_one_line_error(
+        proc,
+        "lmpipe.generate: error: prompt=What is 2 plus 3, Bob?: a comma makes a list",
+        """quote the value inside the override, e.g. 'prompt="What is 2 plus 3, Bob?"'""",
+        "prompt_file=<path>, or prompt=- to read it from stdin",
+    )
+    assert proc.returncode == 2
+
+
+def test_generate_help_shows_how_to_quote_a_prompt(lmpipe):
+    help_text = lmpipe("generate", "--help").stdout
+    assert help_text.startswith("lmpipe.generate: sample from a checkpoint")
+    assert """'prompt="What is 2 plus 3, Bob?"'""" in help_text
+    assert "prompt_file: null" in help_text and "prompt=-" in help_text
+    assert "stage:" not in help_text  # the training config groups are not generate's
 
 
 def test_chat_reads_turns_from_stdin_until_quit_or_end_of_input(cache_dir, run_dir, tmp_path):
