@@ -61,7 +61,11 @@ class Rate:
 
 
 class ProgressLines:
-    """The part of tqdm's interface lmpipe uses, as a line every ``interval`` seconds."""
+    """The part of tqdm's interface lmpipe uses, as a line every ``interval`` seconds. The
+    clock is shared by every loop of the process: steps shorter than the interval one after
+    another (load, tokenizer, tokenize) do not add up to a long silence."""
+
+    last_line: float | None = None  # when any loop of this process last printed (monotonic)
 
     def __init__(self, iterable, *, desc: str, unit: str, total, initial: int, interval, file):
         self.iterable = iterable
@@ -70,7 +74,8 @@ class ProgressLines:
         self.n = initial
         self.rate = Rate(initial)
         self.postfix: dict = {}
-        self._last = self.rate.started
+        if ProgressLines.last_line is None:
+            ProgressLines.last_line = self.rate.started
 
     def __iter__(self) -> Iterator:
         for item in self.iterable:
@@ -80,8 +85,8 @@ class ProgressLines:
     def update(self, n: int = 1) -> None:
         self.n += n
         now = time.monotonic()
-        if now - self._last >= self.interval:
-            self._last = now
+        if now - ProgressLines.last_line >= self.interval:
+            ProgressLines.last_line = now
             print(self.line(), file=self.file, flush=True)
 
     def set_postfix(self, refresh: bool = True, **values) -> None:
