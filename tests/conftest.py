@@ -55,12 +55,18 @@ def cli_env() -> dict[str, str]:
 def lmpipe(cache_dir, tmp_path):
     """Run ``python -m lmpipe.<module> ...`` in a subprocess; returns the CompletedProcess."""
 
-    def run(module: str, *args: str, check: bool = True, timeout: float = 300):
+    def run(module: str, *args: str, check: bool = True, timeout: float = 300, stdin: str = ""):
         cmd = [sys.executable, "-m", f"lmpipe.{module}", *args]
         if module == "train":
             cmd.append(f"cache_dir={cache_dir}")
         proc = subprocess.run(
-            cmd, cwd=tmp_path, env=cli_env(), capture_output=True, text=True, timeout=timeout
+            cmd,
+            cwd=tmp_path,
+            env=cli_env(),
+            input=stdin,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
         )
         if check and proc.returncode != 0:
             raise AssertionError(

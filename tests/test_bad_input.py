@@ -553,6 +553,24 @@ def test_the_command_line_says_one_line_too(lmpipe, tmp_path, args, fragments):
     assert not (tmp_path.parent / "x").exists()
 
 
+@pytest.mark.parametrize(
+    ("override", "fragment"),
+    [
+        (
+            "system=Be brief, kind",
+            "for one text, quote the value inside the override, e.g. "
+            """'system="Be brief, kind"'""",
+        ),
+        ("prompt=Bob's cat", "cannot parse prompt=Bob's cat (a quote or bracket in it?); quote"),
+        ('prompt=say "hi"', "or prompt_file=<path>, or prompt=- to read it from stdin"),
+    ],
+)
+def test_a_value_hydra_cannot_read_says_how_to_quote_it(capsys, override, fragment):
+    fails_in_one_line(
+        capsys, "lmpipe.generate", lambda: api.compose("generate", [override]), fragment
+    )
+
+
 # --- cases with a setup of their own ------------------------------------------------------
 def test_a_character_tokenizer_names_the_characters_it_never_saw(world, capsys):
     """A char-level checkpoint meets data with characters outside its vocabulary (the

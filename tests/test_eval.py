@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import random
 import shutil
+import sys
+import time
 from types import SimpleNamespace
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from lmpipe.chat import converse
 from lmpipe.data.prepare import prepare
@@ -20,9 +24,12 @@ from lmpipe.eval.diversity import bleu, distinct_n, self_bleu
 from lmpipe.eval.generation import complete
 from lmpipe.eval.heldout import Prompt, heldout_prompts, scoring_batches
 from lmpipe.eval.likelihood import preference_metrics, score_rows
+from lmpipe.eval.runner import default_output
 from lmpipe.eval.tasks import answer_metrics, greedy_replies, reward_metrics
+from lmpipe.generate import read_prompt
 from lmpipe.models import build_lm
 from lmpipe.objectives.rewards import AnswerMatch, Format
+from lmpipe.training.checkpoint import Checkpoint
 
 from conftest import TINY_SHAPE, arch_config, data_config, save_random_checkpoint
 
@@ -344,6 +351,38 @@ def test_comparison_table_puts_checkpoints_side_by_side():
         "| val/perplexity | - | 3 (bound) |",
         "| speed/tokens_per_sec_b1 | 12,346 | - |",
     ]
+
+
+def test_results_go_beside_the_checkpoints_in_a_new_folder_each_time(tmp_path, monkeypatch):
+    monkeypatch.setattr(time, "strftime", lambda fmt: "20260102-030405")
+
+    def where(*paths):
+        return default_output([Checkpoint(path=tmp_path / p, meta={}) for p in paths])
+
+    base_10 = "runs/base/checkpoints/step_000010"
+    base_20 = "runs/base/checkpoints/step_000020"
+    sft_20 = "runs/sft/checkpoints/step_000020"
+    assert where(base_20) == tmp_path / "runs/base/eval/20260102-030405/results.json"
+    assert where(base_10, base_20).parent.parent == tmp_path / "runs/base/eval"  # one run
+    assert where(base_20, sft_20).parent.parent == tmp_path / "runs/eval"  # out_dir
+    assert where("exported/ckpt").parent.parent == tmp_path / "exported/eval"  # no run
+    where(base_20).parent.mkdir(parents=True)  # an evaluation earlier in the same second
+    assert where(base_20).parent.name == "20260102-030405-2"
+
+
+def test_a_prompt_from_a_file_or_stdin_loses_its_final_newline_only(tmp_path, monkeypatch):
+    def prompt(**keys):
+        return read_prompt(OmegaConf.create({"prompt": "", "prompt_file": None, **keys}))
+
+    (tmp_path / "p.txt").write_text("What is 2 plus 3, Bob?\n\n")
+    assert prompt(prompt_file=str(tmp_path / "p.txt")) == "What is 2 plus 3, Bob?\n"
+    monkeypatch.setattr(sys, "stdin", io.StringIO('Say "hi", [Bob]\n'))
+    assert prompt(prompt="-") == 'Say "hi", [Bob]'
+    assert prompt(prompt="Ada has") == "Ada has"
+    with pytest.raises(ConfigError, match="prompt_file not found: .*nope.txt"):
+        prompt(prompt_file=str(tmp_path / "nope.txt"))
+    with pytest.raises(ConfigError, match="give prompt or prompt_file, not both"):
+        prompt(prompt="Ada", prompt_file=str(tmp_path / "p.txt"))
 
 
 # --- the chat loop ----------------------------------------------------------------------

@@ -4,6 +4,7 @@ user runs them (subprocesses), on a run trained by the CLI."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -73,7 +74,7 @@ def test_two_checkpoints_give_one_table_with_the_shared_names(lmpipe, run_dir, c
 
 
 def test_data_names_a_mixture_from_conf(lmpipe, run_dir, cache_dir, tmp_path):
-    lmpipe(
+    proc = lmpipe(
         "evaluate",
         f"checkpoint={run_dir}",
         "data=demo_pref",
@@ -82,7 +83,14 @@ def test_data_names_a_mixture_from_conf(lmpipe, run_dir, cache_dir, tmp_path):
         "eval.metrics=[task]",
         *QUICK,
     )
-    saved = json.loads((tmp_path / "results.json").read_text())
+    # By default the results go into the run directory (not the working directory), and
+    # the command says where.
+    assert list(tmp_path.iterdir()) == []
+    output = re.search(r"^wrote (\S+results\.json), (\S+results\.md)$", proc.stderr, re.M)
+    assert output, proc.stderr
+    assert Path(output.group(1)).parent.parent == run_dir.resolve() / "eval"
+    saved = json.loads(Path(output.group(1)).read_text())
+    assert "| metric | base@20 |" in Path(output.group(2)).read_text()
     (results,) = saved["results"].values()
     assert set(results) == {
         "task/answer_accuracy",
@@ -114,15 +122,18 @@ def test_bad_input_is_one_clear_line(lmpipe, run_dir, tmp_path, problem):
     assert not (tmp_path / "results.json").exists()
 
 
-def test_generate_in_chat_mode_prints_the_greedy_reply(lmpipe, run_dir):
-    question = "What is 2 plus 3?"
+@pytest.mark.parametrize("prompt", ['prompt="What is 2 plus 3, Bob?"', "prompt=-"])
+def test_generate_in_chat_mode_prints_the_greedy_reply(lmpipe, run_dir, prompt):
+    """A prompt with a comma: quoted inside the override, or piped in (``prompt=-``)."""
+    question = "What is 2 plus 3, Bob?"
     proc = lmpipe(
         "generate",
         f"checkpoint={run_dir}",
         "chat=true",
-        f"prompt={question}",
+        prompt,
         "temperature=0",
         "max_new_tokens=12",
+        stdin=question + "\n",  # with the newline echo adds
     )
     checkpoint = resolve_checkpoint(run_dir)
     tokenizer = checkpoint.tokenizer()
@@ -137,6 +148,25 @@ def test_generate_in_chat_mode_prints_the_greedy_reply(lmpipe, run_dir):
         progress=False,
     )
     assert proc.stdout == tokenizer.decode(reply) + "\n"
+
+
+def test_a_prompt_with_a_comma_unquoted_says_how_to_quote_it(lmpipe, run_dir):
+    proc = lmpipe("generate", f"checkpoint={run_dir}", "prompt=What is 2 plus 3, Bob?", check=False)
+    assert_one_line_error(
+        proc,
+        "lmpipe.generate: error: prompt=What is 2 plus 3, Bob?: a comma makes a list",
+        """quote the value inside the override, e.g. 'prompt="What is 2 plus 3, Bob?"'""",
+        "prompt_file=<path>, or prompt=- to read it from stdin",
+    )
+    assert proc.returncode == 2
+
+
+def test_generate_help_shows_how_to_quote_a_prompt(lmpipe):
+    help_text = lmpipe("generate", "--help").stdout
+    assert help_text.startswith("lmpipe.generate: sample from a checkpoint")
+    assert """'prompt="What is 2 plus 3, Bob?"'""" in help_text
+    assert "prompt_file: null" in help_text and "prompt=-" in help_text
+    assert "stage:" not in help_text  # the training config groups are not generate's
 
 
 def test_chat_reads_turns_from_stdin_until_quit_or_end_of_input(cache_dir, run_dir, tmp_path):
@@ -199,7 +229,8 @@ def test_base_sft_and_dpo_side_by_side(lmpipe, tmp_path, cache_dir, arch):
         "eval.num_samples=100",
         "eval.max_new_tokens=32",
     )
-    saved = json.loads((tmp_path / "results.json").read_text())
+    (results,) = (out / "eval").glob("*/results.json")  # beside the runs: in out_dir
+    saved = json.loads(results.read_text())
     assert [d["stage"] for d in saved["checkpoints"].values()] == ["pretrain", "sft", "dpo"]
     for results in saved["results"].values():
         assert set(results) == set(METRIC_NAMES)

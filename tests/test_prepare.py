@@ -1,4 +1,5 @@
 import json
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -63,6 +64,23 @@ def test_outputs_are_consistent_and_inspectable(tmp_path):
     # No record is in both splits.
     val = {json.loads(line)["text"] for line in (data.directory / "mixed_val.jsonl").open()}
     assert not val & {r["text"] for r in records}
+
+
+def test_progress_without_a_terminal_is_a_line_at_intervals(tmp_path, capsys, monkeypatch):
+    """Captured stderr is no terminal: no tqdm bar, but progress lines (every line, at
+    LMPIPE_PROGRESS_S=0) with the count, the rate and, given a total, the time left."""
+    monkeypatch.setenv("LMPIPE_PROGRESS_S", "0")
+    prepare(demo_cfg(), tmp_path)
+    lines = capsys.readouterr().err.splitlines()
+    assert "load stories: 300 rec" in [line.split(" |")[0] for line in lines]
+    assert any(line.startswith("train tokenizer: ") for line in lines)
+    tokenize = [line for line in lines if line.startswith("tokenize train: 270/270 rec (100%)")]
+    assert tokenize, lines
+    assert re.fullmatch(r".* \| tokens [\d,]+ \| [\d,.]+ rec/s \| eta 0s", tokenize[-1])
+    assert "\r" not in "".join(lines)  # no bar redrawn in a log file
+    monkeypatch.setenv("LMPIPE_PROGRESS_S", "soon")
+    with pytest.raises(ConfigError, match="LMPIPE_PROGRESS_S='soon' must be a number"):
+        prepare(demo_cfg(), tmp_path, force=True)
 
 
 def test_same_config_is_byte_identical_cached_and_forced(tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -28,6 +29,19 @@ def test_pretraining_learns_and_writes_a_complete_checkpoint(lmpipe, tmp_path):
     )
     run_dir = out / "ar-demo-tiny-pretrain-v1"
     assert str(run_dir) in proc.stdout
+    # Every training line says how long the run has left (the bar, off a terminal, cannot).
+    lines = [
+        line for line in proc.stdout.splitlines() if line.startswith("step ") and "| loss" in line
+    ]
+    assert [line.split("|")[0].split()[1] for line in lines] == [
+        "25",
+        "50",
+        "75",
+        "100",
+        "125",
+        "150",
+    ]
+    assert all(re.search(r" \| eta (\d+m)?\d+s$", line) for line in lines), lines
     metrics = read_metrics(run_dir)
     val = [m for m in metrics if "val/loss" in m]
     assert [m["step"] for m in val] == [0, 75, 150]

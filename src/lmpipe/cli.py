@@ -53,7 +53,33 @@ def _rephrase(message: str) -> str:
     if match:
         options = ", ".join(match.group(3).split())
         return f"no config '{match.group(1)}' (available {match.group(2)} options: {options})"
+    match = re.search(r"^Ambiguous value for argument '([\w.+~]+)=(.*)' 1\. To use it", message)
+    if match:
+        key, value = match.groups()
+        return (
+            f"{key}={value}: a comma makes a list ({key}=[a,b]) or a sweep (--multirun); "
+            f"for one text, {_quote_hint(key, value)}"
+        )
+    match = re.search(
+        r"^(?:LexerNoViableAltException: ([\w.+~]+)=(.*) \^|Error parsing override "
+        r"'([\w.+~]+)=(.*)' (?:extraneous|mismatched) input)",
+        message,
+    )
+    if match:
+        key, value = match.group(1, 2) if match.group(1) else match.group(3, 4)
+        return f"cannot parse {key}={value} (a quote or bracket in it?); {_quote_hint(key, value)}"
     return message
+
+
+def _quote_hint(key: str, value: str) -> str:
+    """How to pass a text with commas, quotes or brackets as one string override."""
+    if "'" in value or '"' in value:
+        hint = "quote the value inside the override and escape its own quotes with \\"
+    else:  # single quotes for the shell, double quotes for Hydra
+        hint = f"quote the value inside the override, e.g. '{key}=\"{value}\"'"
+    if key == "prompt":  # lmpipe.generate reads a prompt from a file or stdin as well
+        hint += " (or prompt_file=<path>, or prompt=- to read it from stdin)"
+    return hint
 
 
 def _fail(prog: str, exc: BaseException) -> None:

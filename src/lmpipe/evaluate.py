@@ -4,8 +4,10 @@ The architecture, model and tokenizer come from each checkpoint; the held-out da
 run's own unless ``data`` names a mixture. A reward model (``stage=rm``) also reports its
 held-out pair accuracy (``rm/*``); ``eval.kl_reference`` with ``kl`` in ``eval.metrics``
 reports each checkpoint's KL to that reference. Several checkpoints (``checkpoint=[a,b,c]``)
-give one comparison table: printed, and written as ``eval.output`` (JSON) and next to it
-as Markdown, with the generation samples in ``<output stem>_samples/``.
+give one comparison table: printed, and written as JSON (``results.json``) with the table
+as Markdown next to it (``results.md``) and the generation samples in ``results_samples/``:
+by default in ``eval/<time>/`` of the run directory (of the directory holding all the runs,
+for several), or where ``eval.output`` says.
 """
 
 from __future__ import annotations
@@ -32,9 +34,11 @@ def _evaluate(cfg: DictConfig) -> None:
         check_options,
         checkpoint_details,
         checkpoint_label,
+        default_output,
         evaluate_checkpoint,
         write_results,
     )
+    from lmpipe.rundir import check_writable_dir
     from lmpipe.training.checkpoint import resolve_checkpoint
 
     metrics = check_options(
@@ -48,7 +52,9 @@ def _evaluate(cfg: DictConfig) -> None:
     log = lambda message: print(message, file=sys.stderr)  # noqa: E731
     checkpoints = [resolve_checkpoint(str(path), log=log) for path in paths]  # all, up front
     data_cfg = OmegaConf.to_container(cfg.data, resolve=True) if cfg.data is not None else None
-    output = Path(cfg.eval.output)
+    output = Path(cfg.eval.output) if cfg.eval.output else default_output(checkpoints)
+    check_writable_dir(output.parent, "eval.output")  # before the work, not after it
+    samples = output.with_name(f"{output.stem}_samples")
     rewards = instantiate(cfg.reward) if cfg.get("reward") else None
     results, details = {}, {}
     for checkpoint in checkpoints:
@@ -66,7 +72,7 @@ def _evaluate(cfg: DictConfig) -> None:
             batch_size=cfg.eval.batch_size,
             max_new_tokens=cfg.eval.max_new_tokens,
             seed=cfg.eval.seed,
-            samples_path=output.with_name(f"{output.stem}_samples") / f"{name}.jsonl",
+            samples_path=samples / f"{name}.jsonl",
             temperature=cfg.eval.temperature,
             noise_draws=cfg.eval.noise_draws,
             rewards=rewards,
@@ -74,7 +80,10 @@ def _evaluate(cfg: DictConfig) -> None:
         )
         details[name] = checkpoint_details(checkpoint, data_cfg and data_cfg.get("name"))
     print(write_results(results, output, details))
-    print(f"wrote {output} and {output.with_suffix('.md')}", file=sys.stderr)
+    written = [str(output), str(output.with_suffix(".md"))]
+    if samples.is_dir():
+        written.append(f"{samples}/")
+    print(f"wrote {', '.join(written)}", file=sys.stderr)
 
 
 if __name__ == "__main__":

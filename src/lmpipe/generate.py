@@ -3,7 +3,9 @@
 The architecture, model config and tokenizer come from the checkpoint itself. ``chat=true``
 puts the prompt in a user turn of the chat template and prints the assistant's reply,
 which ends at the template's end-of-turn token. One sample streams to the terminal as it
-is generated (AR uses its KV cache); several are generated as one batch.
+is generated (AR uses its KV cache); several are generated as one batch. The prompt comes
+from ``prompt``, from a file (``prompt_file``) or from stdin (``prompt=-``): a text with
+commas or quotes need not be quoted for Hydra then.
 """
 
 from __future__ import annotations
@@ -17,14 +19,22 @@ from omegaconf import DictConfig
 from lmpipe.cli import run, user_errors
 
 
-def _prompt_text(cfg: DictConfig) -> str:
+def read_prompt(cfg: DictConfig) -> str:
+    """``prompt``, the text of ``prompt_file``, or stdin for ``prompt=-`` (of a file or stdin
+    without its final newline, which an editor or ``echo`` adds)."""
     from lmpipe.errors import ConfigError
 
     if cfg.prompt_file:
+        if cfg.prompt:
+            raise ConfigError("give prompt or prompt_file, not both")
         path = Path(cfg.prompt_file)
         if not path.is_file():
             raise ConfigError(f"prompt_file not found: {path}")
-        return path.read_text()
+        return path.read_text(encoding="utf-8").removesuffix("\n")
+    if cfg.prompt == "-":
+        if sys.stdin.isatty():
+            print("reading the prompt from stdin (end it with Ctrl-D)", file=sys.stderr)
+        return sys.stdin.read().removesuffix("\n")
     return str(cfg.prompt)
 
 
@@ -42,11 +52,11 @@ def _generate(cfg: DictConfig) -> None:
 
     if cfg.max_new_tokens < 1 or cfg.num_samples < 1:
         raise ConfigError("max_new_tokens and num_samples must be >= 1")
+    text = read_prompt(cfg)
     checkpoint = resolve_checkpoint(cfg.checkpoint, log=lambda m: print(m, file=sys.stderr))
     device = resolve_device(cfg.device)
     model = checkpoint.build_model().to(device)
     tokenizer = checkpoint.tokenizer()
-    text = _prompt_text(cfg)
     if cfg.chat:
         system = [{"role": "system", "content": cfg.system}] if cfg.system else []
         ids, stop_ids = encode_prompt(tokenizer, [*system, {"role": "user", "content": text}])

@@ -23,10 +23,11 @@ def main(cfg: DictConfig) -> None:
 
 def _prepare(cfg: DictConfig) -> None:
     from lmpipe.data.prepare import prepare
-    from lmpipe.training.checkpoint import resolve_checkpoint
 
     tokenizer = None
-    if cfg.tokenizer_from:
+    if cfg.tokenizer_from:  # torch only then: its import is most of a start-up
+        from lmpipe.training.checkpoint import resolve_checkpoint
+
         tokenizer = resolve_checkpoint(
             cfg.tokenizer_from, log=lambda m: print(m, file=sys.stderr)
         ).tokenizer()

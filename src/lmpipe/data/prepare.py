@@ -26,7 +26,6 @@ from itertools import islice
 from pathlib import Path
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from lmpipe import __version__
 from lmpipe.data import formats
@@ -38,6 +37,7 @@ from lmpipe.data.shards import ShardWriter, TokenShards, token_dtype
 from lmpipe.data.sources import OWN_VAL_KEYS, has_own_val, iter_source, resolve_paths
 from lmpipe.data.tokenizer import Tokenizer, build_tokenizer
 from lmpipe.errors import ConfigError, DataError
+from lmpipe.tracking.progress import progress_bar
 
 FORMAT_VERSION = 2  # bump when the on-disk layout or the encoding of records changes
 SPLITS = ("train", "val")
@@ -227,7 +227,11 @@ def _build(cfg: dict, out: Path, tokenizer: Tokenizer | None, progress: bool) ->
         tok_cfg = dict(cfg.get("tokenizer") or {})
         train_only = tok_cfg.get("kind", "char") == "bpe"
         tok_splits = ("train",) if train_only else SPLITS
-        tokenizer = build_tokenizer(tok_cfg, _iter_texts(out, tok_splits))
+        texts = progress_bar(
+            _iter_texts(out, tok_splits), desc="train tokenizer", unit="text", enabled=progress
+        )
+        tokenizer = build_tokenizer(tok_cfg, texts)
+        texts.close()
     tokenizer.save(out)
 
     dtype = token_dtype(tokenizer.vocab_size)
@@ -318,9 +322,7 @@ def _kept_records(
     filters = build_filters(spec.get("filters") or [], name, dedup_scope)
     records = iter_source(spec, split)
     kept = 0
-    bar = tqdm(
-        records, desc=f"load {name}", unit=" rec", disable=(not progress) or None, leave=False
-    )
+    bar = progress_bar(records, desc=f"load {name}", unit="rec", enabled=progress)
     for raw, where in bar:
         try:
             if adapter is not None:
@@ -447,13 +449,7 @@ def _encode_split(out, split, fmt, tokenizer, dtype, source_stats, progress) -> 
     writer = ShardWriter(out, split, dtype, with_mask=fmt != "text")
     tokens_by_source: dict[str, int] = {}
     total = sum(s["slots"][split] for s in source_stats)
-    bar = tqdm(
-        total=total,
-        desc=f"tokenize {split}",
-        unit=" rec",
-        disable=(not progress) or None,
-        leave=False,
-    )
+    bar = progress_bar(total=total, desc=f"tokenize {split}", unit="rec", enabled=progress)
     records = _iter_mixed(out, split)
     done = 0
     while chunk := list(islice(records, ENCODE_CHUNK)):
@@ -470,6 +466,7 @@ def _encode_split(out, split, fmt, tokenizer, dtype, source_stats, progress) -> 
                 tokens_by_source[record["source"]] = tokens_by_source.get(
                     record["source"], 0
                 ) + len(ids)
+        bar.set_postfix(tokens=f"{writer.num_tokens:,}", refresh=False)
         bar.update(len(chunk))
     bar.close()
     writer.close()

@@ -12,12 +12,12 @@ from collections.abc import Iterator, Sequence
 from itertools import takewhile
 
 import torch
-from tqdm.auto import tqdm
 
 from lmpipe.batch import left_padded
 from lmpipe.data.tokenizer import Tokenizer
 from lmpipe.errors import ConfigError
 from lmpipe.models import LM
+from lmpipe.tracking.progress import progress_bar
 
 
 def encode_prompt(tokenizer: Tokenizer, prompt: str | list[dict]) -> tuple[list[int], tuple]:
@@ -75,7 +75,7 @@ def complete(
     chunks = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     generator = torch.Generator(device).manual_seed(seed)
     completions: list[list[int]] = [[] for _ in prompts]
-    for chunk in tqdm(chunks, desc="generate", unit=" batch", disable=None if progress else True):
+    for chunk in progress_bar(chunks, desc="generate", unit="batch", enabled=progress):
         ids, left_pad = left_padded([prompts[i] for i in chunk], pad_id=0)  # never attended
         out = model.generate(
             ids.to(device),

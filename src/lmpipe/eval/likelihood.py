@@ -14,11 +14,11 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from lmpipe.batch import Batch
 from lmpipe.models import LM
 from lmpipe.seeding import derive_seed
+from lmpipe.tracking.progress import progress_bar
 
 
 @dataclass
@@ -45,7 +45,7 @@ def score_rows(
 ) -> RowScores:
     draws = 1 if model.exact_likelihood else noise_draws
     parts = []
-    bar = tqdm(batches, desc="score", unit=" batch", disable=None if progress else True)
+    bar = progress_bar(batches, desc="score", unit="batch", enabled=progress)
     for index, batch in enumerate(bar):
         batch = batch.to(device)
         total = torch.zeros(4, len(batch), device=device)

@@ -8,7 +8,9 @@ pipeline's report.
 from __future__ import annotations
 
 import json
+import os
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -304,12 +306,32 @@ def generation_metrics(
 
 
 # --- reporting ------------------------------------------------------------------------
+def _run_dir(checkpoint: Checkpoint) -> Path | None:
+    """The run directory of a checkpoint inside one (``<run>/checkpoints/step_N``)."""
+    path = checkpoint.path.resolve()
+    return path.parent.parent if path.parent.name == CHECKPOINT_DIR else None
+
+
 def checkpoint_label(checkpoint: Checkpoint) -> str:
     """``<run name>@<step>`` for a checkpoint inside a run directory, else its folder name."""
-    path = checkpoint.path.resolve()
-    if path.parent.name == CHECKPOINT_DIR:
-        return f"{path.parent.parent.name}@{checkpoint.step}"
-    return path.name
+    run_dir = _run_dir(checkpoint)
+    return f"{run_dir.name}@{checkpoint.step}" if run_dir else checkpoint.path.resolve().name
+
+
+def default_output(checkpoints: list[Checkpoint]) -> Path:
+    """``eval/<YYYYmmdd-HHMMSS>/results.json`` beside what was evaluated: in the run
+    directory of one run's checkpoints (of a checkpoint outside a run: the folder holding
+    it), in the directory that holds them all (usually ``out_dir``) for several runs.
+    Timestamped like a sweep's directory, so evaluations
+    with other data or metrics never overwrite each other."""
+    homes = [_run_dir(c) or c.path.resolve().parent for c in checkpoints]
+    root = Path(os.path.commonpath(homes)) / "eval"
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    folder, n = root / stamp, 1
+    while folder.exists():  # another evaluation in the same second
+        n += 1
+        folder = root / f"{stamp}-{n}"
+    return folder / "results.json"
 
 
 def checkpoint_details(checkpoint: Checkpoint, data_name: str | None = None) -> dict:

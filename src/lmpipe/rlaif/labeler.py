@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from lmpipe.data.prompts import Prompt
 from lmpipe.data.tokenizer import Tokenizer
@@ -34,6 +33,7 @@ from lmpipe.models import LM
 from lmpipe.objectives.rewards import Completion
 from lmpipe.rlaif.judges import Candidates, Judge
 from lmpipe.seeding import derive_seed
+from lmpipe.tracking.progress import progress_bar
 
 PAIRS_FILE = "pairs.jsonl"
 PROGRESS_FILE = "progress.json"
@@ -134,12 +134,12 @@ class Labeler:
         self.out.mkdir(parents=True, exist_ok=True)
         state = self._progress(key)
         started = time.perf_counter()
-        bar = tqdm(
+        bar = progress_bar(
             total=len(prompts),
             initial=state["prompts_done"],
             desc="label",
-            unit=" prompt",
-            disable=None if progress else True,
+            unit="prompt",
+            enabled=progress,
         )
         with (self.out / PAIRS_FILE).open("ab") as fh:
             for at in range(state["prompts_done"], len(prompts), s.batch_size):

@@ -1,4 +1,5 @@
-"""Console sink: a progress bar (on a terminal) and periodic metric lines."""
+"""Console sink: a progress bar (on a terminal) and periodic metric lines with the time
+left (the bar's, for logs that are not a terminal)."""
 
 from __future__ import annotations
 
@@ -7,12 +8,19 @@ import sys
 
 from tqdm.auto import tqdm
 
+from lmpipe.tracking.progress import Rate
+
 
 class ConsoleSink:
     def __init__(self):
         self._bar: tqdm | None = None
+        self._rate: Rate | None = None  # steps per second since this process's first step
+        self._step, self._total = 0, 0
 
     def progress(self, step: int, total: int, loss: float | None) -> None:
+        self._step, self._total = step, total
+        if self._rate is None:
+            self._rate = Rate(step)
         if self._bar is None:
             # disable=None: a bar on a terminal, nothing when output goes to a file or pipe.
             self._bar = tqdm(
@@ -32,7 +40,10 @@ class ConsoleSink:
         tqdm.write(text, file=sys.stdout)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
-        self.message(f"step {step:>6} | {format_metrics(metrics)}")
+        eta = self._rate and self._rate.eta(self._step, self._total)
+        self.message(
+            f"step {step:>6} | {format_metrics(metrics)}" + (f" | eta {eta}" if eta else "")
+        )
 
     def close(self) -> None:
         if self._bar is not None:
