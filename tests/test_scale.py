@@ -1,9 +1,14 @@
-"""Bigger models: activation checkpointing."""
+"""Bigger models: activation checkpointing, and the model presets' sizes."""
+
+import re
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
+from lmpipe import api
 from lmpipe.batch import Batch
+from lmpipe.config import CONF_DIR
 from lmpipe.models import build_lm
 from lmpipe.models.transformer import KVCache
 
@@ -14,6 +19,9 @@ ARCHS = {
     "sdd": {"_target_": "lmpipe.models.sdd.SDDLM", "k_schedule": [[0, 3]]},  # two passes
 }
 N_LAYER = 3
+# The seed plan's sizes at a 32k vocabulary, tied embeddings counted once.
+TARGET_PARAMS = {"small": 25e6, "medium": 50e6, "large": 125e6, "xl": 300e6}
+VOCAB_32K = 32768
 
 
 def loss_grads_and_block_calls(arch: str, checkpointing: bool, dropout: float):
@@ -64,3 +72,37 @@ def test_activation_checkpointing_leaves_evaluation_and_the_kv_cache_alone():
     model.backbone(ids[:, :-1], causal=True, cache=cache)
     cached = model.backbone(ids[:, -1:], causal=True, cache=cache)[:, -1]
     torch.testing.assert_close(cached, full, atol=1e-5, rtol=1e-5)
+
+
+def preset_params(model: str) -> tuple[int, int]:
+    """Parameters of ``model=<model>`` at a 32k vocabulary (built on the meta device):
+    all of them, and those outside the token and position embeddings."""
+    cfg = api.compose("train", [f"model={model}"])
+    with torch.device("meta"):
+        lm = build_lm(
+            OmegaConf.to_container(cfg.arch), OmegaConf.to_container(cfg.model), VOCAB_32K
+        )
+    backbone = lm.backbone
+    total = backbone.num_params()
+    embeddings = [backbone.tok_emb, *([backbone.pos_emb] if backbone.pos_emb is not None else [])]
+    return total, total - sum(e.weight.numel() for e in embeddings)
+
+
+@pytest.mark.parametrize("model", sorted(TARGET_PARAMS))
+def test_model_presets_have_the_seed_plans_sizes(model):
+    total, _ = preset_params(model)
+    assert abs(total / TARGET_PARAMS[model] - 1) <= 0.15, f"{model}: {total / 1e6:.1f}M"
+
+
+def test_help_lists_every_model_preset_with_its_size(lmpipe):
+    """``--help`` prints ``model=<name>  <total>M (<non-embedding>M)``: each number is the
+    meta-device count rounded to the decimals printed."""
+    help_text = lmpipe("train", "--help").stdout
+    rows = re.findall(r"model=(\S+)\s+([\d.]+)M \(([\d.]+)M\)", help_text)
+    listed = {name: (total, inner) for name, total, inner in rows}
+    presets = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
+    assert sorted(listed) == presets
+    for name, printed in listed.items():
+        for shown, count in zip(printed, preset_params(name), strict=True):
+            decimals = len(shown.partition(".")[2])
+            assert float(shown) == round(count / 1e6, decimals), (name, shown, count)
