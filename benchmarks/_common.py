@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import statistics
 import tempfile
 import time
@@ -129,6 +130,17 @@ def speedup(times: dict[str, list[float]], name: str, rounds: int, base: str = "
     ratios = [b / n for b, n in zip(per_round(base), per_round(name), strict=True)]
     overall = statistics.median(times[base]) / statistics.median(times[name])
     return f"{overall:.2f}x", f"{min(ratios):.2f}-{max(ratios):.2f}"
+
+
+def memory_kib(key: str) -> int:
+    """``VmRSS`` / ``VmHWM`` of this process, KiB."""
+    status = Path("/proc/self/status").read_text()
+    return int(re.search(rf"^{key}:\s+(\d+) kB", status, re.MULTILINE).group(1))
+
+
+def reset_peak_memory() -> None:
+    """Start ``VmHWM`` again from the current RSS (Linux >= 4.0)."""
+    Path("/proc/self/clear_refs").write_text("5")
 
 
 def median(values: list[float]) -> float:

@@ -67,17 +67,15 @@ from sft import (
     lmpipe_optim,
     lmpipe_trainer,
     machine_line,
-    memory_kib,
     no_printing,
     prepared,
     quiet_hf,
     records,
-    reset_peak_memory,
     trl_training_args,
     without_eos,
 )
 
-from _common import print_table
+from _common import memory_kib, print_table, reset_peak_memory
 
 SIDES = {
     "lmpipe": ("lmpipe", False),

@@ -48,7 +48,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import statistics
 import tempfile
 import time
@@ -250,17 +249,6 @@ def no_printing(trainer) -> None:
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)
-
-
-def memory_kib(key: str) -> int:
-    """``VmRSS`` / ``VmHWM`` of this process, KiB."""
-    status = Path("/proc/self/status").read_text()
-    return int(re.search(rf"^{key}:\s+(\d+) kB", status, re.MULTILINE).group(1))
-
-
-def reset_peak_memory() -> None:
-    """Start ``VmHWM`` again from the current RSS (Linux >= 4.0)."""
-    Path("/proc/self/clear_refs").write_text("5")
 
 
 # --- padding efficiency ------------------------------------------------------------------

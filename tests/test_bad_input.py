@@ -656,6 +656,23 @@ def test_resume_changed_continues_with_the_new_settings_and_says_which(world, ca
     assert "lr: 0.001" in (run_dir / "config.yaml").read_text()
 
 
+def test_a_run_resumes_with_activation_checkpointing_switched_on(world, capsys):
+    """It changes the memory a step takes, not what it computes: no refusal, and the
+    resumed model recomputes its blocks (its checkpoints say so)."""
+    run_dir = world.run_copy()
+    api.train(
+        world.train_args(
+            "run_name=r",
+            "resume=auto",
+            "trainer.max_steps=6",
+            "model.activation_checkpointing=true",
+        )
+    )
+    assert "changed settings" not in capsys.readouterr().out
+    meta = json.loads((run_dir / "checkpoints" / "step_000006" / "meta.json").read_text())
+    assert meta["model_config"]["model"]["activation_checkpointing"] is True
+
+
 def test_a_resume_on_other_numerics_says_so(world, capsys):
     """Bitwise-exact resume assumes the same torch build, device, precision and threads."""
     world.run_copy()

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, fields
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from lmpipe.errors import ConfigError
 from lmpipe.models.segments import PackedSegments, segment_positions
@@ -45,6 +46,9 @@ class TransformerConfig:
     tie_embeddings: bool = True
     norm_eps: float = 1e-5
     init_std: float = 0.02
+    # Recompute each block's activations in the backward pass instead of keeping them:
+    # less memory for more compute. A training setting, not part of the model's function.
+    activation_checkpointing: bool = False
 
     def __post_init__(self):
         def bad(key, why):
@@ -62,6 +66,8 @@ class TransformerConfig:
                 bad(key, f"is not one of {', '.join(allowed)}")
         if not 0 <= self.dropout < 1:
             bad("dropout", "must be in [0, 1)")
+        if not isinstance(self.activation_checkpointing, bool):
+            bad("activation_checkpointing", "must be true or false")
 
     @classmethod
     def from_dict(cls, values: dict) -> TransformerConfig:
@@ -350,8 +356,18 @@ class Transformer(nn.Module):
             elif positions.ndim == 2:  # per row: (B, 1, T, D) against (B, heads, T, D)
                 rope = (rope[0][:, None], rope[1][:, None])
         x = self.drop(x)
+        # Only where a backward pass follows: evaluation and sampling run under no_grad, and
+        # never with a KV cache. (Not ``self.training``: RL objectives learn in eval mode.)
+        recompute = (
+            self.config.activation_checkpointing and cache is None and torch.is_grad_enabled()
+        )
         for block in self.blocks:
-            x = block(x, rope, causal, cache, segments, attn_mask)
+            if recompute:
+                x = checkpoint(
+                    block, x, rope, causal, None, segments, attn_mask, use_reentrant=False
+                )
+            else:
+                x = block(x, rope, causal, cache, segments, attn_mask)
         if cache is not None:
             cache.length += T
         return self.norm_f(x)

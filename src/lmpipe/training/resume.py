@@ -27,9 +27,10 @@ from lmpipe.training.checkpoint import (
 )
 from lmpipe.training.hardware import Hardware
 
-# Where a run writes, what it runs on, how it reports, and how long it goes on: none of
-# them changes what the steps compute. (A longer trainer.max_steps stretches the LR schedule
-# from the resumed step on: the way to extend a run.)
+# Where a run writes, what it runs on (activation checkpointing: the memory it takes), how
+# it reports, and how long it goes on: none of them changes what the steps compute. (A
+# longer trainer.max_steps stretches the LR schedule from the resumed step on: the way to
+# extend a run.)
 MAY_CHANGE = (
     "out_dir",
     "cache_dir",
@@ -39,6 +40,7 @@ MAY_CHANGE = (
     "init_from",
     "hardware",
     "logger",
+    "model.activation_checkpointing",
     "trainer.max_steps",
     "trainer.log_interval",
     "trainer.eval_interval",

@@ -365,9 +365,11 @@ def _build_model(cfg: DictConfig, data: PreparedData, source: Checkpoint | None,
             f"the config asks for arch={arch}"
         )
     # The shape and the special tokens come from the checkpoint; a stage may still change
-    # dropout and the architecture's own knobs (e.g. the diffusion noise floor).
+    # dropout, activation checkpointing and the architecture's own knobs (e.g. the
+    # diffusion noise floor).
     saved = json.loads(json.dumps(source.meta["model_config"]))
     saved["model"]["dropout"] = float(cfg.model.dropout)
+    saved["model"]["activation_checkpointing"] = cfg.model.activation_checkpointing
     knobs = {
         k: v for k, v in OmegaConf.to_container(cfg.arch).items() if k not in ("_target_", "name")
     }
