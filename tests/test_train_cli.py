@@ -339,3 +339,22 @@ def test_generate_samples_from_a_checkpoint(lmpipe, short_run):
     assert again.stdout == proc.stdout
     missing = lmpipe("generate", "checkpoint=/no/such/dir", check=False)
     assert_one_line_error(missing, "checkpoint not found")
+
+
+def test_a_time_budget_ends_the_run_and_the_schedule_with_it(lmpipe, tmp_path):
+    budget = [*TINY, f"out_dir={tmp_path}", "run_name=t", "trainer.max_steps=1000000"]
+    budget += ["trainer.max_time=4", "trainer.log_interval=1", "trainer.eval_interval=1000000"]
+    budget += ["trainer.save_interval=1000000", "optim.lr=1e-3"]
+    proc = lmpipe("train", *budget)
+    assert "1000000 steps or 4 s, whichever comes first" in proc.stdout
+    run_dir = tmp_path / "t"
+    lrs = [m["train/lr"] for m in read_metrics(run_dir) if "train/lr" in m]
+    (final,) = (run_dir / "checkpoints").iterdir()  # saved when the time was up
+    assert int(final.name.removeprefix("step_")) == len(lrs) > 5
+    peak = lrs.index(max(lrs))
+    assert all(a >= b for a, b in zip(lrs[peak:], lrs[peak + 1 :], strict=False))
+    assert lrs[-1] < 0.2e-3  # cosine to min_lr_ratio (0.1) x lr over the 4 s, not 10^6 steps
+    state = torch.load(final / "trainer_state.pt", weights_only=True)
+    assert 4 <= state["elapsed_s"] < 30
+    again = lmpipe("train", *budget, "resume=auto")
+    assert f"run already complete at step {len(lrs)}" in again.stdout

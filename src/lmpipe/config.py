@@ -67,6 +67,9 @@ def validate(cfg: DictConfig) -> None:
     ):
         _positive_int(cfg, key)
     _positive_int(cfg, "trainer.eval_batches", allow_zero=True)
+    max_time = cfg.trainer.max_time
+    if max_time is not None and not (_finite(max_time) and max_time > 0):
+        raise ConfigError(f"trainer.max_time={max_time!r} must be a number of seconds > 0 or null")
     clip = cfg.trainer.grad_clip
     if clip is not None and not (_finite(clip) and clip >= 0):
         raise ConfigError(f"trainer.grad_clip={clip!r} must be a finite number >= 0 or null")

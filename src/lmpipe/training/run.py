@@ -295,9 +295,9 @@ def start(run: Run) -> Path:
         env.is_main,
     )
     _say(env, run.plan)
-    max_steps = trainer.config.max_steps
-    if trainer.step >= max_steps:
-        _say(env, f"run already complete at step {trainer.step} (trainer.max_steps={max_steps})")
+    if trainer.budget_used() >= 1.0:
+        limits = f"trainer.max_steps={trainer.config.max_steps}, max_time={trainer.config.max_time}"
+        _say(env, f"run already complete at step {trainer.step} ({limits})")
         trainer.logger.close()
         return run_dir
     trainer.fit()
@@ -398,7 +398,8 @@ def _plan(
             f"  data       {data.directory} ({tokens:,} train tokens, vocab {data.tokenizer.vocab_size})",
             f"  sampling   {sampling}",
             f"  batch      {tcfg.batch_size} x {tcfg.block_size} tokens/step on {env.world_size} rank(s), "
-            f"{micro_batches} micro-batch(es) each; {tcfg.max_steps} steps",
+            f"{micro_batches} micro-batch(es) each; {tcfg.max_steps} steps"
+            + (f" or {tcfg.max_time:g} s, whichever comes first" if tcfg.max_time else ""),
             f"  optimizer  {describe_optimizer(cfg.optim)}; {trainer.schedule.describe()}",
             f"  hardware   {hw.device} {hw.precision}{' compiled' if hw.compile else ''}",
         ]

@@ -59,6 +59,7 @@ class TrainerConfig:
     """The ``trainer`` keys of a composed config (defaults: ``conf/train.yaml``)."""
 
     max_steps: int
+    max_time: float | None  # seconds of wall time the run may take (all its resumes together)
     batch_size: int  # rows per step, all ranks and micro-batches together
     block_size: int  # positions per row the model processes
     grad_clip: float | None
@@ -156,6 +157,7 @@ class Trainer:
         self.bad_in_a_row = 0
         self.best_val_loss = math.inf
         self.last_val: dict[str, float] = {}
+        self.elapsed = 0.0  # wall seconds in ``fit``, over all resumes
 
     def parameters(self):
         """Everything the optimizer trains: the model's and the objective's parameters."""
@@ -172,6 +174,7 @@ class Trainer:
             "skipped_steps": self.skipped_steps,
             "bad_in_a_row": self.bad_in_a_row,
             "best_val_loss": self.best_val_loss,
+            "elapsed_s": self.elapsed,
             "optimizer": optimizer_state(self.model, self.optimizer),
             "scaler": self.scaler.state_dict(),
         }
@@ -188,23 +191,51 @@ class Trainer:
         self.skipped_steps = int(state.get("skipped_steps", 0))
         self.bad_in_a_row = int(state.get("bad_in_a_row", 0))
         self.best_val_loss = float(state["best_val_loss"])
+        self.elapsed = float(state.get("elapsed_s", 0.0))
         load_optimizer_state(self.model, self.optimizer, state["optimizer"])
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
 
     # --- loop ---------------------------------------------------------------------
+    def budget_used(self) -> float:
+        """The fraction of the run done: of its steps, or of ``max_time`` when that is
+        spent faster. The LR schedule runs on it; 1 ends the run."""
+        used = self.step / self.config.max_steps
+        if self.config.max_time is not None:
+            used = max(used, self.elapsed / self.config.max_time)
+        return min(used, 1.0)
+
+    def _lr(self) -> float:
+        if self.config.max_time is None:  # exactly the step's LR (and resumes bitwise)
+            return self.schedule(self.step)
+        return self.schedule(self.budget_used() * self.config.max_steps)
+
+    def _tick(self, since: float) -> float:
+        """Add the wall time since ``since`` to ``elapsed`` (the ranks' mean, so that they
+        agree on the LR and on when the budget is spent); returns now."""
+        now = time.perf_counter()
+        spent = now - since
+        if self.env.enabled and self.config.max_time is not None:
+            spent_t = torch.tensor([spent], dtype=torch.float64, device=self.hardware.device)
+            spent = float(all_reduce_sum(spent_t, self.env))
+            spent /= self.env.world_size
+        self.elapsed += spent
+        return now
+
     def fit(self) -> None:
         cfg = self.config
+        clock = time.perf_counter()
         self._trim_episode_log()
         if self.step == 0 and cfg.eval_at_start and self.val_sets:
             self.evaluate()
         train_time, interval_tokens = 0.0, 0
         self.logger.progress(self.step, cfg.max_steps)
-        while self.step < cfg.max_steps:
+        clock = self._tick(clock)
+        while self.budget_used() < 1.0:
             # Every random draw of a step (dropout, noise, rollouts) comes from a seed that is
             # a function of the step, so a resumed run replays exactly what it would have done.
             torch.manual_seed(derive_seed(self.seed, "train", self.step, self.env.rank))
-            lr = self.schedule(self.step)
+            lr = self._lr()
             for group in self.optimizer.param_groups:  # lr_scale: a group's LR relative to lr
                 group["lr"] = lr * group.get("lr_scale", 1.0)
             started = time.perf_counter()
@@ -218,13 +249,16 @@ class Trainer:
             interval_tokens += step_tokens
             train_time += time.perf_counter() - started
             self.logger.progress(self.step, cfg.max_steps, metrics.get("loss"))
+            clock = self._tick(clock)
+            last = self.budget_used() >= 1.0
 
-            if self.step % cfg.log_interval == 0 or self.step == cfg.max_steps:
+            if self.step % cfg.log_interval == 0 or last:
                 self._log_train(metrics, lr, interval_tokens / max(train_time, 1e-9))
                 train_time, interval_tokens = 0.0, 0
-            if self.val_sets and (self.step % cfg.eval_interval == 0 or self.step == cfg.max_steps):
+            if self.val_sets and (self.step % cfg.eval_interval == 0 or last):
                 self.evaluate()
-            if self.step % cfg.save_interval == 0 or self.step == cfg.max_steps:
+            if self.step % cfg.save_interval == 0 or last:
+                clock = self._tick(clock)  # the checkpoint records the time spent so far
                 self.save()
         self.logger.close()
 
