@@ -76,6 +76,8 @@ def test_data_path_names_the_sources_of_a_mixture(tmp_path):
         with_local_paths({**mixture, "path": str(path)})
     with pytest.raises(ConfigError, match="names no source 'wiki'.*alpaca, dolly, gsm8k"):
         with_local_paths({**mixture, "path": {"wiki": str(path)}})
+    with pytest.raises(ConfigError, match="data.path.alpaca=None must be a file or glob"):
+        with_local_paths({**mixture, "path": {"alpaca": None}})
 
 
 # --- no hub --------------------------------------------------------------------------------

@@ -44,6 +44,9 @@ def with_local_paths(cfg: dict) -> dict:
         raise ConfigError(
             f"data.path={local!r} must be a file or glob, or a mapping source -> file or glob"
         )
+    for key, value in local.items():
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"data.path.{key}={value!r} must be a file or glob")
     unknown = [key for key in local if key not in names]
     if unknown:
         raise ConfigError(
