@@ -148,6 +148,29 @@ def test_empty_splits_name_the_knob_that_fixes_them(tmp_path):
         prepare(cfg, tmp_path / "cache", progress=False)
 
 
+def test_empty_prompt_sets_name_the_knob_that_fixes_them(tmp_path):
+    from lmpipe.data.samplers import PromptOptions, PromptSampler
+    from lmpipe.eval.heldout import heldout_prompts
+
+    path = write_jsonl(
+        tmp_path / "q.jsonl", [{"prompt": f"Q{i}?", "answer": "A"} for i in range(9)]
+    )
+    cfg = {
+        "name": "q",
+        "sources": [{"name": "s", "path": str(path)}],
+        "split": {"val_fraction": 0.0},
+        "tokenizer": {"kind": "char"},
+    }
+    data = prepare(cfg, tmp_path / "cache", progress=False)
+    with pytest.raises(DataError, match=r"no records \(data.split.val_fraction=0.0\)"):
+        heldout_prompts(data, 4)
+    options = PromptOptions(
+        epoch_seed=0, epoch_shuffle=True, epoch_drop_last=True, max_prompt_tokens=8
+    )
+    with pytest.raises(DataError, match="lower trainer.batch_size or raise sampler.max_prompt"):
+        PromptSampler([], 4, options, pad_id=0)
+
+
 # --- runs from a checkpoint on local preference pairs ----------------------------------------
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory, cache_dir) -> Path:

@@ -420,7 +420,8 @@ class PromptSampler(EpochSampler):
             raise DataError(
                 f"{len(kept)} usable prompts cannot fill one batch of {rows} "
                 f"(dropped: {dict(self.dropped) or 'none'}; sampler.max_prompt_tokens="
-                f"{options.max_prompt_tokens})"
+                f"{options.max_prompt_tokens}): lower trainer.batch_size or raise "
+                "sampler.max_prompt_tokens"
             )
 
     def batch(self, step: int) -> PromptBatch:

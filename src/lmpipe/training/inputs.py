@@ -41,7 +41,7 @@ class Inputs:
     sampler: Examples
     val_sets: dict[str, list[Batch]]
     description: str  # one line for the run's plan printout
-    held_out: str = ""  # the plan's line on the held-out set (or on why there is none)
+    held_out: str  # the plan's line on the held-out set (or on why there is none)
 
 
 def build_inputs(
