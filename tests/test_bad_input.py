@@ -462,6 +462,17 @@ EVALUATE_CASES = [
         ["reads no files or hub datasets a checkpoint names"],
     ),
     (
+        "data-path-reads-a-local-file",
+        lambda w: w.checkpoint(
+            _set(
+                ("data_dir", _DELETE),
+                ("train_config.data.path", {"stories": str(w.file("secret.txt", "secret " * 99))}),
+            )
+        ),
+        {},
+        ["reads no files or hub datasets a checkpoint names (sources: stories)"],
+    ),
+    (
         "data-from-the-hub",
         lambda w: w.checkpoint(_own_data(w, hub="someone/dataset")),
         {},

@@ -99,9 +99,9 @@ def test_same_config_is_byte_identical_cached_and_forced(tmp_path):
 def test_position_split_matches_nanogpt(tmp_path, shared_data):
     path = shared_data / "tinyshakespeare" / "input.txt"
     text = path.read_text()
-    data = prepare(
-        jsonl_cfg(path, split={"by": "position", "val_fraction": 0.1}), tmp_path, progress=False
-    )
+    cfg = jsonl_cfg(path, split={"by": "position", "val_fraction": 0.1})
+    cfg["sources"][0]["text_unit"] = "file"  # one stream, as nanoGPT reads it
+    data = prepare(cfg, tmp_path, progress=False)
     cut = round(len(text) * 0.9)
     tok = data.tokenizer
     train, val = data.split("train"), data.split("val")

@@ -32,6 +32,8 @@ from lmpipe.data import formats
 from lmpipe.data.adapters import ADAPTERS
 from lmpipe.data.builtin import BUILTIN_VERSION
 from lmpipe.data.filters import build_filters, first_failing
+from lmpipe.data.hub import check_hub
+from lmpipe.data.local import with_local_paths
 from lmpipe.data.mixer import mixture_ratios, plan_mixture, validate_mixture
 from lmpipe.data.shards import ShardWriter, TokenShards, token_dtype
 from lmpipe.data.sources import OWN_VAL_KEYS, has_own_val, iter_source, resolve_paths
@@ -39,7 +41,7 @@ from lmpipe.data.tokenizer import Tokenizer, build_tokenizer
 from lmpipe.errors import ConfigError, DataError
 from lmpipe.tracking.progress import progress_bar
 
-FORMAT_VERSION = 2  # bump when the on-disk layout or the encoding of records changes
+FORMAT_VERSION = 3  # bump when the on-disk layout or the encoding of records changes
 SPLITS = ("train", "val")
 ENCODE_CHUNK = 1024
 CRC_BLOCK = 1 << 16  # sampled CRC: this many bytes at 18 places of a file (all of a small one)
@@ -121,8 +123,10 @@ def prepare(
 
     ``tokenizer``: use this one (e.g. the checkpoint's when a stage starts from another
     stage) instead of building the one the config names. A damaged cache entry is rebuilt,
-    saying so through ``log``.
+    saying so through ``log``. ``data.path`` (local copies of the sources) applies first,
+    so it prepares what the equivalent explicit sources would.
     """
+    cfg = with_local_paths(cfg)
     validate_mixture(cfg)
     out = Path(cache_dir) / "data" / f"{cfg['name']}-{cache_key(cfg, tokenizer)[:12]}"
     if (out / "manifest.json").is_file() and not force:
@@ -130,6 +134,7 @@ def prepare(
             return PreparedData.open(out)
         except DataError as exc:
             log(f"rebuilding a damaged cache entry: {exc}")
+    check_hub(cfg)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
@@ -219,8 +224,12 @@ def _build(cfg: dict, out: Path, tokenizer: Tokenizer | None, progress: bool) ->
     shutil.rmtree(staging)
 
     if sum(s["slots"]["train"] for s in source_stats) == 0:
+        kept = sum(s["records"] for s in source_stats)
         raise DataError(
-            f"data '{cfg['name']}': no training records left after loading and splitting"
+            f"data '{cfg['name']}': no training records left after loading and splitting "
+            f"({kept} record(s) kept, data.split.val_fraction="
+            f"{split_cfg.get('val_fraction', 0.05)}): add text, lower data.split.val_fraction, "
+            "or split .txt files into more records (text_unit=paragraph or line)"
         )
 
     if tokenizer is None:
@@ -365,7 +374,11 @@ def _stage_source(
     everything.finish()
     if not everything.offsets:
         where = spec.get("path") or spec.get("hub") or spec.get("builtin")
-        why = f" (dropped: {dict(dropped)})" if dropped else f" ({where} is empty)"
+        why = (
+            f" (dropped: {dict(dropped)}; check its filters, fields and format)"
+            if dropped
+            else f" ({where} is empty)"
+        )
         raise DataError(f"data source '{name}': no records{why}")
 
     per_split = {s: _Staged(prefix.with_suffix(f".{s}.jsonl")) for s in SPLITS}

@@ -16,6 +16,7 @@ checkpoint, where resume checks it against the data it finds.
 from __future__ import annotations
 
 import bisect
+import math
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -58,7 +59,7 @@ class WindowSampler:
         if len(shards) < row_length:
             raise DataError(
                 f"the {split} split has {len(shards)} tokens, fewer than one row of "
-                f"{row_length} (trainer.block_size is too large for this data)"
+                f"{row_length}: lower trainer.block_size, or add data"
             )
         self.shards = shards
         self.row_length = row_length
@@ -104,7 +105,9 @@ def eval_windows(
     however many ranks and rows per batch."""
     if len(shards) < row_length:
         raise DataError(
-            f"the {split} split has {len(shards)} tokens, fewer than one row of {row_length}"
+            f"the {split} split has {len(shards)} tokens, fewer than one row of {row_length}: "
+            "raise data.split.val_fraction, lower trainer.block_size, or set "
+            "trainer.eval_batches=0"
         )
     available = (len(shards) - row_length) // stride + 1
     starts = np.arange(available)[held_out_share(available, count, rank, world_size)] * stride
@@ -184,14 +187,17 @@ class Episodes:
                 f"{len(starts)} documents do not form episodes of {docs_per_episode} documents"
             )
         self.starts = starts.reshape(-1, docs_per_episode)
-        self.lengths = np.minimum(ends - starts, row_length).reshape(-1, docs_per_episode)
+        self.full_lengths = (ends - starts).reshape(-1, docs_per_episode)
+        self.lengths = np.minimum(self.full_lengths, row_length)
         self.dropped: Counter = Counter()
+        self.truncated: list[int] = []  # the episodes dropped as no_target_after_truncation
         kept = []
         for episode in range(len(self.starts)):
             if self.lengths[episode].sum() < min_tokens:
                 self.dropped["below_min_tokens"] += 1
             elif not all(self._has_target(s, n) for s, n in self._docs(episode)):
                 self.dropped["no_target_after_truncation"] += 1
+                self.truncated.append(episode)
             else:
                 kept.append(episode)
         self.kept = np.asarray(kept, dtype=np.int64)
@@ -204,6 +210,33 @@ class Episodes:
             return length > 1
         # A document's first token is never a target (nothing precedes it).
         return bool(self.shards.mask[start + 1 : start + length].any())
+
+    def row_length_keeping(self, fraction: float) -> int | None:
+        """The shortest row length at which at most ``1 - fraction`` of all episodes are
+        dropped as no_target_after_truncation; None when this row length already keeps
+        that many, or when no row length can (episodes without any target)."""
+        allowed = len(self.starts) - math.ceil(fraction * len(self.starts))
+        if len(self.truncated) <= allowed:
+            return None
+        needed = sorted(self._length_to_first_target(e) for e in self.truncated)
+        length = needed[len(needed) - allowed - 1]
+        return None if math.isinf(length) else int(length)
+
+    def _length_to_first_target(self, episode: int) -> float:
+        """The row length at which every document of the episode keeps a target token
+        (inf: some document has none at any length)."""
+        longest = 0
+        for start, length in zip(
+            self.starts[episode].tolist(), self.full_lengths[episode].tolist(), strict=True
+        ):
+            if self.shards.mask is None:
+                targets = np.arange(length - 1)
+            else:
+                targets = np.flatnonzero(self.shards.mask[start + 1 : start + length])
+            if not len(targets):
+                return math.inf
+            longest = max(longest, int(targets[0]) + 2)  # the first token is no target
+        return longest
 
     def tokens(self, episode: int) -> int:
         return int(self.lengths[episode].sum())
@@ -335,7 +368,9 @@ class EpisodeSampler(EpochSampler):
         if self.steps_in_epoch(0) == 0:
             raise DataError(
                 f"{len(episodes.kept)} usable episodes cannot fill one batch of {rows} "
-                f"(dropped: {dict(episodes.dropped) or 'none'})"
+                f"(dropped: {dict(episodes.dropped) or 'none'}): lower trainer.batch_size, "
+                "or raise trainer.block_size if episodes are dropped as "
+                "no_target_after_truncation"
             )
 
     def _rows_of(self, order, rng) -> list[tuple[int, ...]]:
@@ -399,7 +434,8 @@ class PromptSampler(EpochSampler):
             raise DataError(
                 f"{len(kept)} usable prompts cannot fill one batch of {rows} "
                 f"(dropped: {dict(self.dropped) or 'none'}; sampler.max_prompt_tokens="
-                f"{options.max_prompt_tokens})"
+                f"{options.max_prompt_tokens}): lower trainer.batch_size or raise "
+                "sampler.max_prompt_tokens"
             )
 
     def batch(self, step: int) -> PromptBatch:

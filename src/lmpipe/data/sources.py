@@ -15,7 +15,9 @@ from lmpipe.data.builtin import GENERATORS
 from lmpipe.errors import ConfigError, DataError
 
 FILE_TYPES = (".txt", ".jsonl", ".json", ".parquet")
-TEXT_UNITS = ("file", "paragraph", "line")
+# A .txt file's records: the whole file, blank-line separated paragraphs, or lines. "auto":
+# a file each for a glob of several files; else paragraphs, or lines without blank lines.
+TEXT_UNITS = ("auto", "file", "paragraph", "line")
 Located = tuple[dict, str]
 
 
@@ -48,8 +50,11 @@ def iter_source(spec: dict, split: str = "train") -> Iterator[Located]:
         yield from _iter_builtin(spec)
     elif kind == "path":
         files = resolve_paths(spec)
+        text_unit = spec.get("text_unit", "auto")
+        if text_unit == "auto" and len(files) > 1:
+            text_unit = "file"
         for path in files:
-            yield from iter_file(path, text_unit=spec.get("text_unit", "file"))
+            yield from iter_file(path, text_unit=text_unit)
     else:
         yield from _iter_hub(spec)
 
@@ -74,7 +79,7 @@ def resolve_paths(spec: dict) -> list[Path]:
     return files
 
 
-def iter_file(path: Path, text_unit: str = "file") -> Iterator[Located]:
+def iter_file(path: Path, text_unit: str = "auto") -> Iterator[Located]:
     if path.suffix == ".txt":
         yield from _iter_txt(path, text_unit)
     elif path.suffix == ".jsonl":
@@ -98,6 +103,8 @@ def _iter_txt(path: Path, text_unit: str) -> Iterator[Located]:
     if text_unit not in TEXT_UNITS:
         raise ConfigError(f"text_unit={text_unit!r} is not one of {', '.join(TEXT_UNITS)}")
     text = _read_utf8(path)
+    if text_unit == "auto":
+        text_unit = "paragraph" if "\n\n" in text.strip() else "line"
     if text_unit == "file":
         yield {"text": text}, str(path)
         return
@@ -187,5 +194,6 @@ def _iter_hub(spec: dict) -> Iterator[Located]:
             yield dict(record), f"hub:{hub_id}[{i}]"
     except (FileNotFoundError, ConnectionError, ValueError) as exc:
         raise DataError(
-            f"data source '{spec.get('name', hub_id)}': cannot load {hub_id} ({exc})"
+            f"data source '{spec.get('name', hub_id)}': cannot load {hub_id} ({exc}); to "
+            "train on a local copy, set data.path (README: Train on your own data)"
         ) from None

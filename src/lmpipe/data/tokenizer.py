@@ -304,6 +304,18 @@ def _template_text(value) -> str | None:
     return value
 
 
+def vocab_shortfall(spec: dict, vocab_size: int) -> str | None:
+    """Why a trained BPE vocabulary is smaller than ``spec`` asked, or None when it is not:
+    training stops when the text has no pair left to merge."""
+    asked = spec.get("vocab_size")
+    if spec.get("kind") != "bpe" or asked is None or vocab_size >= int(asked):
+        return None
+    return (
+        f"BPE vocabulary {vocab_size:,}, not the {int(asked):,} asked "
+        "(data.tokenizer.vocab_size): the text is too small to learn more merges"
+    )
+
+
 def build_tokenizer(spec: dict, texts: Iterable[str]) -> Tokenizer:
     """Build the tokenizer a data config asks for (``kind`` char | bpe | hf)."""
     kind = spec.get("kind", "char")

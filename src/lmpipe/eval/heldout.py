@@ -61,5 +61,8 @@ def heldout_prompts(data: PreparedData, num_samples: int) -> list[Prompt]:
     """The first ``num_samples`` validation records as prompts (``read_prompts``)."""
     prompts = read_prompts(data, "val", num_samples)
     if not prompts:
-        raise DataError(f"{data.directory}: the validation split has no records")
+        raise DataError(
+            f"{data.directory}: the validation split has no records (data.split.val_fraction="
+            f"{data.manifest['split']['val_fraction']}): prepare it with a val_fraction > 0"
+        )
     return prompts

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from lmpipe.data.local import with_local_paths
 from lmpipe.data.prepare import PreparedData, prepare
 from lmpipe.data.tokenizer import Tokenizer
 from lmpipe.errors import CheckpointError, ConfigError, LmpipeError
@@ -239,6 +240,7 @@ def heldout_data(
             raise ConfigError(
                 f"{checkpoint.path}: meta.json names no training data; pass data=<mixture>"
             )
+        data_cfg = with_local_paths(data_cfg)  # a data.path in it reads files too
         fetched = [
             s.get("name", "?") for s in data_cfg.get("sources") or [] if not s.get("builtin")
         ]

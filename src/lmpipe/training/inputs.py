@@ -34,6 +34,7 @@ from lmpipe.training.trainer import TrainerConfig
 
 SAMPLER_KINDS = ("windows", "episodes", "prompts")
 FORGETTING_SET = "pretrain_val"  # metrics prefix of the earlier stage's validation data
+KEEP_FRACTION = 0.95  # a plan that drops more episodes names the block size keeping this many
 
 
 @dataclass
@@ -41,6 +42,7 @@ class Inputs:
     sampler: Examples
     val_sets: dict[str, list[Batch]]
     description: str  # one line for the run's plan printout
+    held_out: str  # the plan's line on the held-out set (or on why there is none)
 
 
 def build_inputs(
@@ -65,8 +67,14 @@ def build_inputs(
         sampler = WindowSampler(
             data.split("train"), row_length, tcfg.batch_size, seed, env.rank, env.world_size
         )
-        val = _window_val(data, row_length, tcfg, micro_examples, env)
-        return Inputs(sampler, {"val": val} if val else {}, "random windows of the token stream")
+        val = _window_val(data, row_length, tcfg, micro_examples, env) if _val_records(data) else []
+        val_sets = {"val": val} if val else {}
+        return Inputs(
+            sampler,
+            val_sets,
+            "random windows of the token stream",
+            held_out_line(data, val_sets, tcfg, "trainer.block_size"),
+        )
 
     if kind == "prompts":
         return _prompt_inputs(sampler_cfg, data, tcfg, micro_examples, env)
@@ -98,13 +106,19 @@ def build_inputs(
                 rank=env.rank,
                 world_size=env.world_size,
             )
-    dropped = ", ".join(f"{k} {v}" for k, v in sorted(train.dropped.items())) or "none"
     layout = "packed" if options.packing else "padded"
     description = (
         f"{len(train.kept):,} episodes ({layout}, {sampler.steps_in_epoch(0):,} steps per "
-        f"epoch; dropped: {dropped})"
+        f"epoch; dropped: {_dropped(train.dropped, len(train.starts))})"
     )
-    return Inputs(sampler, val_sets, description)
+    row = train.row_length_keeping(KEEP_FRACTION)
+    if row is not None:
+        block = row - (model.row_length(row) - row)
+        description += f"; trainer.block_size={block} would keep {KEEP_FRACTION:.0%}"
+        if block > model.config.block_size:
+            description += f" (model.block_size is {model.config.block_size})"
+    held_out = held_out_line(data, val_sets, tcfg, "trainer.block_size")
+    return Inputs(sampler, val_sets, description, held_out)
 
 
 def held_out_examples(tcfg: TrainerConfig) -> int:
@@ -137,12 +151,46 @@ def _prompt_inputs(
                 collate_prompts(held_out, mine[i : i + micro_examples], pad_id)
                 for i in range(0, len(mine), micro_examples)
             ]
-    dropped = ", ".join(f"{k} {v}" for k, v in sorted(sampler.dropped.items())) or "none"
     description = (
         f"{len(sampler.kept):,} prompts ({sampler.steps_in_epoch(0):,} steps per epoch; "
-        f"dropped: {dropped})"
+        f"dropped: {_dropped(sampler.dropped, len(sampler.prompts))})"
     )
-    return Inputs(sampler, val_sets, description)
+    held_out = held_out_line(data, val_sets, tcfg, "sampler.max_prompt_tokens")
+    return Inputs(sampler, val_sets, description, held_out)
+
+
+def _dropped(counts, total: int) -> str:
+    """Dropped examples by reason, and their share of all of them."""
+    if not counts:
+        return "none"
+    reasons = ", ".join(f"{k} {v:,}" for k, v in sorted(counts.items()))
+    return f"{reasons} ({sum(counts.values()) / total:.0%} of {total:,})"
+
+
+def _val_records(data: PreparedData) -> int:
+    return data.manifest["splits"]["val"]["records"]
+
+
+def held_out_line(
+    data: PreparedData, val_sets: dict[str, list[Batch]], tcfg: TrainerConfig, fit_knob: str
+) -> str:
+    """The plan's line on what the run evaluates on, or loudly why it evaluates on nothing
+    (``fit_knob``: what lets longer held-out examples fit)."""
+    if val_sets.get("val"):
+        return (
+            f"{_val_records(data):,} val records, {len(val_sets['val'])} batch(es) every "
+            f"{tcfg.eval_interval} steps"
+        )
+    if not tcfg.eval_batches:
+        return "none (trainer.eval_batches=0)"
+    if not _val_records(data):
+        fraction = data.manifest["split"]["val_fraction"]
+        return (
+            f"NONE: data '{data.manifest['name']}' has no validation split "
+            f"(data.split.val_fraction={fraction}, no val_split/val_path); set "
+            "data.split.val_fraction > 0 to hold records out"
+        )
+    return f"NONE: none of the {_val_records(data):,} val records fits (raise {fit_knob})"
 
 
 def _window_val(

@@ -20,7 +20,7 @@ from lmpipe import __version__
 from lmpipe.batch import Batch
 from lmpipe.config import instantiate, validate
 from lmpipe.data.prepare import PreparedData, prepare
-from lmpipe.data.tokenizer import Tokenizer
+from lmpipe.data.tokenizer import Tokenizer, vocab_shortfall
 from lmpipe.errors import CheckpointError, ConfigError
 from lmpipe.models import LM, build_from_config_dict, build_lm, lm_class
 from lmpipe.objectives import Objective
@@ -42,7 +42,7 @@ from lmpipe.training.distributed import (
     wrap_model,
 )
 from lmpipe.training.hardware import Hardware, resolve_hardware
-from lmpipe.training.inputs import FORGETTING_SET, build_inputs, forgetting_set
+from lmpipe.training.inputs import FORGETTING_SET, Inputs, build_inputs, forgetting_set
 from lmpipe.training.optim import build_optimizer, describe_optimizer
 from lmpipe.training.resume import (
     check_numerics,
@@ -189,7 +189,15 @@ def build_run(cfg: DictConfig, run_dir: Path, hardware: Hardware, env: DistEnv) 
         origin = f"resuming from {resume_from.path} (step {resume_from.step})"
     else:
         origin = f"weights from {source.path}" if source is not None else "fresh weights"
-    plan = _plan(cfg, trainer, data, static_meta["model_name"], origin, inputs.description)
+    plan = _plan(
+        cfg,
+        trainer,
+        data,
+        static_meta["model_name"],
+        origin,
+        inputs,
+        _tokenizer_note(cfg, data, source),
+    )
     return Run(cfg, trainer, data, plan, FORGETTING_SET in inputs.val_sets)
 
 
@@ -350,6 +358,23 @@ def _prepare_data(cfg: DictConfig, source: Checkpoint | None, env: DistEnv) -> P
     return data
 
 
+def _tokenizer_note(cfg: DictConfig, data: PreparedData, source: Checkpoint | None) -> str | None:
+    """What became of ``data.tokenizer`` when it is not what the run uses: a checkpoint's
+    tokenizer replaces it (said when it asks for another than the checkpoint's run did),
+    or BPE training stopped short of the vocabulary asked."""
+    asked = OmegaConf.to_container(cfg.data.tokenizer, resolve=True)
+    if source is None:
+        return vocab_shortfall(asked, data.tokenizer.vocab_size)
+    before = ((source.meta.get("train_config") or {}).get("data") or {}).get("tokenizer")
+    if asked == before:
+        return None
+    shown = " ".join(f"{k}={v}" for k, v in asked.items())
+    return (
+        f"data.tokenizer ({shown}) is ignored: a run from a checkpoint keeps its tokenizer "
+        f"(vocab {data.tokenizer.vocab_size:,})"
+    )
+
+
 def _build_model(cfg: DictConfig, data: PreparedData, source: Checkpoint | None, arch: str) -> LM:
     if source is None:
         torch.manual_seed(derive_seed(cfg.seed, "init"))
@@ -383,7 +408,8 @@ def _plan(
     data: PreparedData,
     model_name: str,
     origin: str,
-    sampling: str,
+    inputs: Inputs,
+    tokenizer_note: str | None,
 ) -> str:
     """What is about to happen, in a few lines, before the first step."""
     tcfg, hw, env = trainer.config, trainer.hardware, trainer.env
@@ -396,7 +422,9 @@ def _plan(
             f"  run dir    {trainer.run_dir}",
             f"  model      {trainer.model.backbone.num_params() / 1e6:.2f}M params, {origin}",
             f"  data       {data.directory} ({tokens:,} train tokens, vocab {data.tokenizer.vocab_size})",
-            f"  sampling   {sampling}",
+            *([f"  tokenizer  {tokenizer_note}"] if tokenizer_note else []),
+            f"  sampling   {inputs.description}",
+            f"  held out   {inputs.held_out}",
             f"  batch      {tcfg.batch_size} x {tcfg.block_size} tokens/step on {env.world_size} rank(s), "
             f"{micro_batches} micro-batch(es) each; {tcfg.max_steps} steps"
             + (f" or {tcfg.max_time:g} s, whichever comes first" if tcfg.max_time else ""),
