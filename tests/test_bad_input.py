@@ -719,3 +719,16 @@ def test_a_damaged_cache_entry_is_rebuilt_saying_so(tmp_path, damage):
     assert tokens.read_bytes() == original
     assert len(said) == 1 and said[0].startswith("rebuilding a damaged cache entry: ")
     assert "tokens_train.bin" in said[0]
+
+
+def test_an_option_added_since_a_checkpoint_was_saved_is_unchanged_while_off():
+    from lmpipe.training.resume import changed_settings
+
+    saved = {"model": {"n_layer": 2}, "trainer": {"max_steps": 5}}
+    now = {
+        "model": {"n_layer": 2, "qkv_bias": False},
+        "trainer": {"max_steps": 5, "max_time": None},
+    }
+    assert changed_settings(saved, now) == []
+    now["model"]["qkv_bias"] = True
+    assert changed_settings(saved, now) == ["model.qkv_bias ((none) -> True)"]

@@ -85,7 +85,9 @@ def _flat(value, prefix: str = "") -> dict[str, object]:
 
 
 def changed_settings(saved: dict, current: dict) -> list[str]:
-    """``key (old -> new)`` for each setting outside ``MAY_CHANGE`` that differs."""
+    """``key (old -> new)`` for each setting outside ``MAY_CHANGE`` that differs. A key the
+    saved config lacks is unchanged when it is now null or false: an option added since
+    then, off (as it was, being absent)."""
     old, new = _flat(saved), _flat(current)
     missing = object()
     changed = []
@@ -93,6 +95,8 @@ def changed_settings(saved: dict, current: dict) -> list[str]:
         if any(key == k or key.startswith(f"{k}.") for k in MAY_CHANGE):
             continue
         before, after = old.get(key, missing), new.get(key, missing)
+        if before is missing and (after is None or after is False):
+            continue
         if before != after:
             show = lambda v: "(none)" if v is missing else repr(v)  # noqa: E731
             changed.append(f"{key} ({show(before)} -> {show(after)})")
