@@ -23,6 +23,7 @@ from lmpipe.data.prepare import PreparedData, prepare
 from lmpipe.data.tokenizer import Tokenizer
 from lmpipe.errors import CheckpointError, ConfigError
 from lmpipe.models import LM, build_from_config_dict, build_lm, lm_class
+from lmpipe.models.lora import add_lora
 from lmpipe.objectives import Objective
 from lmpipe.objectives.base import Examples, ObjectiveContext
 from lmpipe.seeding import derive_seed
@@ -111,8 +112,7 @@ def build_run(cfg: DictConfig, run_dir: Path, hardware: Hardware, env: DistEnv) 
             f"trainer.block_size={tcfg.block_size} is larger than the model supports "
             f"(model.block_size={model.config.block_size})"
         )
-    if source is not None:
-        source.load_weights(model)
+    adapted = _load_weights(cfg, model, resume_from, init_from)
     model.to(hardware.device)
     train_model = wrap_model(
         torch.compile(model) if hardware.compile else model, env, hardware.device
@@ -180,7 +180,7 @@ def build_run(cfg: DictConfig, run_dir: Path, hardware: Hardware, env: DistEnv) 
         origin = f"resuming from {resume_from.path} (step {resume_from.step})"
     else:
         origin = f"weights from {source.path}" if source is not None else "fresh weights"
-    plan = _plan(cfg, trainer, data, static_meta["model_name"], origin, inputs.description)
+    plan = _plan(cfg, trainer, data, static_meta["model_name"], origin, inputs.description, adapted)
     return Run(cfg, trainer, data, plan, FORGETTING_SET in inputs.val_sets)
 
 
@@ -251,6 +251,32 @@ def _checkpoints(
             "init_from=<checkpoint or run dir>"
         )
     return None, None
+
+
+def _load_weights(
+    cfg: DictConfig, model: LM, resume_from: Checkpoint | None, init_from: Checkpoint | None
+) -> list[str]:
+    """Load the run's weights into ``model`` by ``finetune``; returns the layers that got
+    LoRA adapters. A LoRA run freezes its starting weights under adapters, and resumes
+    from them and the checkpoint's adapters (its ``model.safetensors`` holds them merged)."""
+    finetune = OmegaConf.to_container(cfg.finetune, resolve=True)
+    name = finetune.pop("name")
+    adapted: list[str] = []
+    if name == "full":
+        if (source := resume_from or init_from) is not None:
+            source.load_weights(model)
+    elif name == "lora":
+        if init_from is None:
+            raise ConfigError(
+                "finetune=lora adapts a trained model: pass init_from=<checkpoint or run dir>"
+            )
+        init_from.load_weights(model)
+        adapted = add_lora(model, **finetune, seed=derive_seed(cfg.seed, "lora"))
+    else:
+        raise ConfigError(f"finetune.name={name!r} is not one of full, lora")
+    if resume_from is not None:
+        resume_from.load_adapters(model)
+    return adapted
 
 
 def _forgetting_set(cfg, source: Checkpoint, model, tcfg, micro, env, data):
@@ -373,9 +399,18 @@ def _plan(
     model_name: str,
     origin: str,
     sampling: str,
+    adapted: list[str],
 ) -> str:
     """What is about to happen, in a few lines, before the first step."""
     tcfg, hw, env = trainer.config, trainer.hardware, trainer.env
+    params = list(trainer.parameters())
+    trainable = sum(p.numel() for p in params if p.requires_grad)
+    total = sum(p.numel() for p in params)
+    how = (
+        f"LoRA r={cfg.finetune.r} alpha={cfg.finetune.alpha:g} on {len(adapted)} layers"
+        if adapted
+        else "all weights"
+    )
     micro_batches = math.ceil(tcfg.batch_size // env.world_size / trainer.micro_batch_examples)
     tokens = data.manifest["splits"]["train"]["tokens"]
     return "\n".join(
@@ -384,6 +419,7 @@ def _plan(
             f"model={model_name} data={cfg.data.name}",
             f"  run dir    {trainer.run_dir}",
             f"  model      {trainer.model.backbone.num_params() / 1e6:.2f}M params, {origin}",
+            f"  trains     {trainable:,} of {total:,} params ({trainable / total:.2%}): {how}",
             f"  data       {data.directory} ({tokens:,} train tokens, vocab {data.tokenizer.vocab_size})",
             f"  sampling   {sampling}",
             f"  batch      {tcfg.batch_size} x {tcfg.block_size} tokens/step on {env.world_size} rank(s), "
