@@ -144,6 +144,16 @@ def test_a_later_stage_starts_from_the_merged_lora_model(base, cache_dir, tmp_pa
                 "objective.beta=0.04",
             ],
         ),
+        (
+            "ppo",
+            "demo_prompts",
+            [
+                "reward=[length_penalty]",
+                "objective.max_completion_length=8",
+                "objective.num_minibatches=2",
+                "sampler.max_prompt_tokens=48",
+            ],
+        ),
     ],
 )
 def test_preference_and_rl_stages_train_the_adapters_against_the_frozen_base(
