@@ -42,8 +42,8 @@ class LoRALinear(nn.Module):
         self.to(weight.device)
 
     def forward(self, x: Tensor) -> Tensor:
-        update = F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B)
-        return self.base(x) + update * self.scale
+        low_rank = F.linear(self.dropout(x), self.lora_A) * self.scale  # scaled at rank r: cheap
+        return self.base(x) + F.linear(low_rank, self.lora_B)
 
     def merged(self) -> nn.Linear:
         """A plain ``nn.Linear`` computing this layer's function (the adapter folded in)."""
