@@ -106,10 +106,6 @@ def _layers(model: nn.Module) -> Iterator[tuple[nn.Module, str, LoRALinear]]:
             yield model.get_submodule(parent_name), attr, module
 
 
-def has_lora(model: nn.Module) -> bool:
-    return any(True for _ in _layers(model))
-
-
 def adapter_state(model: nn.Module) -> dict[str, Tensor]:
     """The adapters' weights by parameter name (empty for a model without adapters)."""
     return {
