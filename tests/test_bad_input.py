@@ -220,6 +220,11 @@ TRAIN_CASES = [
         ["hardware=fsdp", "optim=muon"],
         ["hardware.strategy=fsdp gathers AdamW's state only", "optim=adamw"],
     ),
+    (
+        "fsdp-lora",
+        ["hardware=fsdp", "finetune=lora"],
+        ["hardware.strategy=fsdp trains every weight (finetune=full)", "use hardware=ddp"],
+    ),
     ("muon-lr-zero", ["optim=muon", "optim.muon.lr=0"], ["optim.muon.lr=0"]),
     ("schedule-unknown", ["schedule.name=step"], ["schedule.name='step'"]),
     ("warmup-ratio-over-one", ["schedule.warmup_ratio=1.5"], ["schedule.warmup_ratio=1.5"]),

@@ -3,6 +3,7 @@
     checkpoints/step_000500/
       model.safetensors   weights only
       objective.safetensors  modules the objective trains (a value head), if any
+      adapters.safetensors   a LoRA run's adapters (model.safetensors holds them merged)
       trainer_state.pt    optimizer, scaler, step (= sampler position); weights_only-loadable
       tokenizer.json      the tokenizer, with tokenizer_config.json (chat template)
       meta.json           written last: step, architecture, configs, hashes, file checksums
@@ -10,6 +11,11 @@
 Everything is written into a hidden temporary sibling, fsynced and renamed into place, so a
 checkpoint directory either is complete or does not exist. ``meta.json`` records the size
 and sha256 of every other file, so truncation or corruption is detected on load.
+
+``model.safetensors`` is always the model's own state dict, so every reader (init_from,
+evaluate, generate, export) loads a LoRA run's checkpoint as a plain model. Its resume
+rebuilds the frozen base from the checkpoint the stage started from (``init_checkpoint``
+in meta.json) and loads the adapters, exactly as they were.
 """
 
 from __future__ import annotations
@@ -32,10 +38,13 @@ from lmpipe.cli import one_line
 from lmpipe.data.tokenizer import Tokenizer
 from lmpipe.errors import CheckpointError
 from lmpipe.models import LM, build_from_config_dict
+from lmpipe.models.lora import adapter_state
 from lmpipe.rundir import CHECKPOINT_DIR
 
 FILES = ("model.safetensors", "trainer_state.pt", "tokenizer.json", "tokenizer_config.json")
 MODULES_FILE = "objective.safetensors"
+ADAPTERS_FILE = "adapters.safetensors"
+OPTIONAL_FILES = (MODULES_FILE, ADAPTERS_FILE)
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 _SAVE_TMP = re.compile(r"^\.step_\d+\.tmp-\d+$")  # a save in progress, or cut short
 HF_PREFIX = "hf:"  # a checkpoint named hf:<folder> is a Hugging Face model (lmpipe.hf)
@@ -91,14 +100,16 @@ def save_checkpoint(
     path: Path,
     *,
     weights: dict[str, Tensor],
+    adapters: dict[str, Tensor] | None = None,
     trainer_state: dict,
     tokenizer: Tokenizer,
     meta: dict,
     modules: dict[str, nn.Module] | None = None,
 ) -> None:
     """Write a complete checkpoint at ``path`` (replacing one that is there) atomically.
-    ``weights``: the model's full state dict; ``modules``: what an objective trains besides
-    the model, saved by name."""
+    ``weights``: the model's full state dict (LoRA adapters merged in); ``adapters``: the
+    LoRA adapters, to resume; ``modules``: what an objective trains besides the model, saved
+    by name."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -107,6 +118,9 @@ def save_checkpoint(
         save_weights(weights, tmp / "model.safetensors")
         _reached(path, "model.safetensors")
         names = list(FILES)
+        if adapters:
+            save_file({k: v.contiguous() for k, v in adapters.items()}, str(tmp / ADAPTERS_FILE))
+            names.append(ADAPTERS_FILE)
         if modules:
             tensors = {
                 f"{name}.{key}": value.detach().contiguous()
@@ -192,6 +206,25 @@ class Checkpoint:
                     f"{self.path}: the objective's '{name}' does not fit ({one_line(exc)})"
                 ) from None
 
+    def load_adapters(self, model: nn.Module) -> None:
+        """Load a LoRA run's adapters (resume): the checkpoint has adapters exactly when the
+        model has, with the same names and shapes."""
+        saved = (
+            load_file(str(self.path / ADAPTERS_FILE)) if ADAPTERS_FILE in self.meta["files"] else {}
+        )
+        wanted = adapter_state(model)
+        if saved.keys() != wanted.keys() or any(
+            saved[k].shape != v.shape for k, v in wanted.items()
+        ):
+            raise CheckpointError(
+                f"{self.path}: its LoRA adapters ({len(saved)} tensors) do not fit the run's "
+                f"finetune settings ({len(wanted)} tensors)"
+            )
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name in saved:
+                    param.copy_(saved[name])
+
     def trainer_state(self) -> dict:
         try:
             return torch.load(self.path / "trainer_state.pt", map_location="cpu", weights_only=True)
@@ -260,7 +293,7 @@ def load_checkpoint(path: str | Path, verify: bool = True) -> Checkpoint:
     _check_meta(meta, meta_path)
     files = meta["files"]
     if verify:
-        for name in (*FILES, *([MODULES_FILE] if MODULES_FILE in files else [])):
+        for name in (*FILES, *(name for name in OPTIONAL_FILES if name in files)):
             file = path / name
             if not file.is_file():
                 raise CheckpointError(f"{path} is incomplete: {name} is missing")

@@ -23,6 +23,7 @@ from lmpipe.data.prepare import PreparedData, prepare
 from lmpipe.data.tokenizer import Tokenizer, vocab_shortfall
 from lmpipe.errors import CheckpointError, ConfigError
 from lmpipe.models import LM, build_from_config_dict, build_lm, lm_class
+from lmpipe.models.lora import add_lora
 from lmpipe.objectives import Objective
 from lmpipe.objectives.base import Examples, ObjectiveContext
 from lmpipe.seeding import derive_seed
@@ -98,6 +99,11 @@ def build_run(cfg: DictConfig, run_dir: Path, hardware: Hardware, env: DistEnv) 
             f"hardware.strategy=fsdp cannot train stage objective '{objective.name}' yet (it "
             "generates rollouts or trains modules of its own); use hardware=ddp"
         )
+    if hardware.strategy == "fsdp" and cfg.finetune.name != "full":
+        raise ConfigError(
+            f"hardware.strategy=fsdp trains every weight (finetune=full), not "
+            f"finetune={cfg.finetune.name} yet; use hardware=ddp"
+        )
     if hardware.strategy == "fsdp" and cfg.optim.name != "adamw":
         raise ConfigError(
             f"hardware.strategy=fsdp gathers AdamW's state only, not optim={cfg.optim.name}'s "
@@ -121,8 +127,7 @@ def build_run(cfg: DictConfig, run_dir: Path, hardware: Hardware, env: DistEnv) 
             f"trainer.block_size={tcfg.block_size} is larger than the model supports "
             f"(model.block_size={model.config.block_size})"
         )
-    if source is not None:
-        source.load_weights(model)
+    adapted = _load_weights(cfg, model, resume_from, init_from)
     model.to(hardware.device)
     model_config = model.config_dict()  # before FSDP makes its class FSDP<class>
     train_model = wrap_model(model, env, hardware)
@@ -197,6 +202,7 @@ def build_run(cfg: DictConfig, run_dir: Path, hardware: Hardware, env: DistEnv) 
         origin,
         inputs,
         _tokenizer_note(cfg, data, source),
+        adapted,
     )
     return Run(cfg, trainer, data, plan, FORGETTING_SET in inputs.val_sets)
 
@@ -268,6 +274,32 @@ def _checkpoints(
             "init_from=<checkpoint or run dir>"
         )
     return None, None
+
+
+def _load_weights(
+    cfg: DictConfig, model: LM, resume_from: Checkpoint | None, init_from: Checkpoint | None
+) -> list[str]:
+    """Load the run's weights into ``model`` by ``finetune``; returns the layers that got
+    LoRA adapters. A LoRA run freezes its starting weights under adapters, and resumes
+    from them and the checkpoint's adapters (its ``model.safetensors`` holds them merged)."""
+    finetune = OmegaConf.to_container(cfg.finetune, resolve=True)
+    name = finetune.pop("name")
+    adapted: list[str] = []
+    if name == "full":
+        if (source := resume_from or init_from) is not None:
+            source.load_weights(model)
+    elif name == "lora":
+        if init_from is None:
+            raise ConfigError(
+                "finetune=lora adapts a trained model: pass init_from=<checkpoint or run dir>"
+            )
+        init_from.load_weights(model)
+        adapted = add_lora(model, **finetune, seed=derive_seed(cfg.seed, "lora"))
+    else:
+        raise ConfigError(f"finetune.name={name!r} is not one of full, lora")
+    if resume_from is not None:
+        resume_from.load_adapters(model)
+    return adapted
 
 
 def _forgetting_set(cfg, source: Checkpoint, model, tcfg, micro, env, data):
@@ -410,9 +442,18 @@ def _plan(
     origin: str,
     inputs: Inputs,
     tokenizer_note: str | None,
+    adapted: list[str],
 ) -> str:
     """What is about to happen, in a few lines, before the first step."""
     tcfg, hw, env = trainer.config, trainer.hardware, trainer.env
+    params = list(trainer.parameters())
+    trainable = sum(p.numel() for p in params if p.requires_grad)
+    total = sum(p.numel() for p in params)
+    how = (
+        f"LoRA r={cfg.finetune.r} alpha={cfg.finetune.alpha:g} on {len(adapted)} layers"
+        if adapted
+        else "all weights"
+    )
     micro_batches = math.ceil(tcfg.batch_size // env.world_size / trainer.micro_batch_examples)
     tokens = data.manifest["splits"]["train"]["tokens"]
     return "\n".join(
@@ -421,6 +462,7 @@ def _plan(
             f"model={model_name} data={cfg.data.name}",
             f"  run dir    {trainer.run_dir}",
             f"  model      {trainer.model.backbone.num_params() / 1e6:.2f}M params, {origin}",
+            f"  trains     {trainable:,} of {total:,} params ({trainable / total:.2%}): {how}",
             f"  data       {data.directory} ({tokens:,} train tokens, vocab {data.tokenizer.vocab_size})",
             *([f"  tokenizer  {tokenizer_note}"] if tokenizer_note else []),
             f"  sampling   {inputs.description}",

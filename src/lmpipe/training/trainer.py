@@ -25,6 +25,7 @@ from lmpipe.batch import Batch
 from lmpipe.data.tokenizer import Tokenizer
 from lmpipe.errors import CheckpointError, ConfigError, LmpipeError
 from lmpipe.models import LM
+from lmpipe.models.lora import adapter_state, merged
 from lmpipe.objectives import Objective
 from lmpipe.objectives.base import Examples
 from lmpipe.seeding import derive_seed
@@ -397,7 +398,8 @@ class Trainer:
 
     def save(self) -> None:
         # Every rank gathers (a sharded model's weights and optimizer state); rank 0 writes.
-        weights = model_state(self.model)
+        with merged(self.model):  # LoRA adapters folded in: the checkpoint is a plain model
+            weights = model_state(self.model)
         trainer_state = self.state_dict()
         if not broadcast_from_main(self.env.is_main and self._finite(weights), self.env):
             raise TrainingDiverged(
@@ -415,6 +417,7 @@ class Trainer:
             save_checkpoint(
                 path,
                 weights=weights,
+                adapters=adapter_state(self.model),
                 modules=self.modules,
                 trainer_state=trainer_state,
                 tokenizer=self.tokenizer,
