@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from lmpipe.cli import one_line
 from lmpipe.errors import ConfigError
-from lmpipe.hf_export import to_hf
+from lmpipe.hf import to_hf
 from lmpipe.training.checkpoint import load_checkpoint
 from lmpipe.training.run import start as run_stage
 
