@@ -225,6 +225,16 @@ TRAIN_CASES = [
         ["hardware=fsdp", "finetune=lora"],
         ["hardware.strategy=fsdp trains every weight (finetune=full)", "use hardware=ddp"],
     ),
+    (
+        "ddp-without-torchrun",
+        ["hardware=ddp"],
+        ["hardware.strategy=ddp runs one process per device", "torchrun --nproc_per_node"],
+    ),
+    (
+        "fsdp-without-torchrun",
+        ["hardware=fsdp"],
+        ["hardware.strategy=fsdp runs one process per device", "torchrun --nproc_per_node"],
+    ),
     ("muon-lr-zero", ["optim=muon", "optim.muon.lr=0"], ["optim.muon.lr=0"]),
     ("schedule-unknown", ["schedule.name=step"], ["schedule.name='step'"]),
     ("warmup-ratio-over-one", ["schedule.warmup_ratio=1.5"], ["schedule.warmup_ratio=1.5"]),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,6 +109,12 @@ def build_run(cfg: DictConfig, run_dir: Path, hardware: Hardware, env: DistEnv) 
         raise ConfigError(
             f"hardware.strategy=fsdp gathers AdamW's state only, not optim={cfg.optim.name}'s "
             "yet; use hardware=ddp or optim=adamw"
+        )
+    if hardware.strategy != "none" and "WORLD_SIZE" not in os.environ:
+        raise ConfigError(
+            f"hardware.strategy={hardware.strategy} runs one process per device: launch it with "
+            f"torchrun --nproc_per_node=<devices> -m lmpipe.train hardware={hardware.strategy} "
+            "... (one process: hardware=auto)"
         )
     sink_names(OmegaConf.to_container(cfg.logger))
     tcfg = trainer_config(cfg)
