@@ -6,6 +6,8 @@ import json
 import os
 import re
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -130,6 +132,24 @@ def speedup(times: dict[str, list[float]], name: str, rounds: int, base: str = "
     ratios = [b / n for b, n in zip(per_round(base), per_round(name), strict=True)]
     overall = statistics.median(times[base]) / statistics.median(times[name])
     return f"{overall:.2f}x", f"{min(ratios):.2f}-{max(ratios):.2f}"
+
+
+RESULT = "RESULT "  # how a benchmark's child process hands its figures to the parent
+
+
+def report_result(result: dict) -> None:
+    print(RESULT + json.dumps(result), flush=True)
+
+
+def child_result(command: list[str], what: str) -> dict:
+    """Run ``command`` (one side of a benchmark, in a fresh process) and return the result
+    it reported; its output is shown when it fails."""
+    done = subprocess.run(command, capture_output=True, text=True)
+    lines = [line for line in done.stdout.splitlines() if line.startswith(RESULT)]
+    if done.returncode or not lines:
+        sys.stderr.write(done.stdout + done.stderr)
+        raise SystemExit(f"{what} failed (exit {done.returncode})")
+    return json.loads(lines[-1][len(RESULT) :])
 
 
 def memory_kib(key: str) -> int:

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
-import subprocess
 import sys
 
 import torch
@@ -29,7 +27,15 @@ from lmpipe.batch import Batch
 from lmpipe.config import group_option
 from lmpipe.models import build_lm
 
-from _common import interleaved_times, median, memory_kib, print_table, reset_peak_memory
+from _common import (
+    child_result,
+    interleaved_times,
+    median,
+    memory_kib,
+    print_table,
+    report_result,
+    reset_peak_memory,
+)
 
 
 def build(args, checkpointing: bool):
@@ -63,7 +69,7 @@ def child(args) -> None:
     reset_peak_memory()
     step(model, rows)
     result = {"baseline_kib": baseline, "peak_kib": memory_kib("VmHWM")}
-    print("RESULT " + json.dumps(result))
+    report_result(result)
 
 
 def memory(args, checkpointing: bool) -> dict:
@@ -72,12 +78,7 @@ def memory(args, checkpointing: bool) -> dict:
         command += [f"--{key}", str(getattr(args, key))]
     if checkpointing:
         command.append("--checkpointing")
-    done = subprocess.run(command, capture_output=True, text=True)
-    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-    if done.returncode or not lines:
-        sys.stderr.write(done.stdout + done.stderr)
-        raise SystemExit(f"the child (checkpointing={checkpointing}) failed")
-    return json.loads(lines[-1][len("RESULT ") :])
+    return child_result(command, f"the child (checkpointing={checkpointing})")
 
 
 def main() -> None:

@@ -45,9 +45,7 @@ import argparse
 import contextlib
 import copy
 import gc
-import json
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -75,7 +73,7 @@ from sft import (
     without_eos,
 )
 
-from _common import memory_kib, print_table, reset_peak_memory
+from _common import child_result, memory_kib, print_table, report_result, reset_peak_memory
 
 SIDES = {
     "lmpipe": ("lmpipe", False),
@@ -250,7 +248,7 @@ def child(args) -> None:
         dropped=dict(episodes.dropped),
         tokens=sum(int(sampler.batch(i).real_tokens) for i in range(args.warmup, total)),
     )
-    print("RESULT " + json.dumps(result))
+    report_result(result)
 
 
 # --- the parent: rounds of child processes ------------------------------------------------
@@ -260,12 +258,7 @@ def run_child(args, side: str) -> dict:
         command += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
     if args.threads:
         command += ["--threads", str(args.threads)]
-    done = subprocess.run(command, capture_output=True, text=True)
-    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-    if done.returncode or not lines:
-        sys.stderr.write(done.stdout + done.stderr)
-        raise SystemExit(f"the {side} side failed (exit {done.returncode})")
-    return json.loads(lines[-1][len("RESULT ") :])
+    return child_result(command, f"the {side} side")
 
 
 def main() -> None:
