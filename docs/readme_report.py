@@ -44,14 +44,18 @@ def main() -> None:
     parser.add_argument("directory", type=Path, help="the pipeline's directory (report.json)")
     parser.add_argument("--command", required=True, help="the command that made it")
     parser.add_argument("--wall", required=True, help="its wall time, as measured")
+    parser.add_argument("--commit", help="the commit it ran at (default: this checkout's HEAD)")
     args = parser.parse_args()
     saved = json.loads((args.directory / "report.json").read_text())
     for row in saved["stages"]:  # paths of this machine mean nothing to a reader
         row.pop("run_dir", None)
         row.pop("checkpoint", None)
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
-    ).stdout.strip()
+    commit = (
+        args.commit
+        or subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+        ).stdout.strip()
+    )
     saved = {
         "name": args.directory.name,
         "measured": {
