@@ -33,7 +33,7 @@ def render(saved: dict) -> str:
     measured = saved["measured"]
     return (
         f"Measured with `{measured['command']}` at commit {measured['commit']} on "
-        f"{measured['date']} ({measured['wall']} in all), saved in "
+        f"{measured['date']} ({measured['wall']}), saved in "
         f"`docs/reports/{saved['name']}.json`:\n\n"
         f"{report_card(saved['stages'], saved['report'])}\n"
     )
