@@ -39,6 +39,14 @@ def cache_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("cache")
 
 
+@pytest.fixture(autouse=True)
+def _no_progress_lines(monkeypatch):
+    """Progress lines off a terminal are timed by one clock per process: in the long test
+    process any loop would print one, among the output that tests count (one-line errors).
+    A test of those lines sets its own ``LMPIPE_PROGRESS_S``."""
+    monkeypatch.setenv("LMPIPE_PROGRESS_S", "1e9")
+
+
 def cli_env() -> dict[str, str]:
     env = dict(os.environ)
     env.update(
